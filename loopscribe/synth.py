@@ -1,0 +1,88 @@
+"""Deterministic test and demo speech from espeak-ng (synthetic, but Whisper base reads it)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ml_backend.audio import SAMPLE_RATE, decode_audio
+
+# Languages whose espeak-ng voices Whisper base recognizes (FACTS.md); others come out garbled.
+SENTENCES: dict[str, list[str]] = {
+    # First sentence of each language: recognized, with the right language, at 130–160 wpm.
+    "en": [
+        "Please call me back tomorrow morning.",
+        "The meeting starts at ten o'clock.",
+        "The quick brown fox jumps over the lazy dog.",
+    ],
+    "de": [
+        "Ich möchte einen Kaffee trinken.",
+        "Ich habe heute keine Zeit.",
+    ],
+    "es": [
+        "¿Dónde está la estación de tren?",
+        "Hoy hace mucho calor en la ciudad.",
+    ],
+    "it": [
+        "Oggi fa molto caldo in città.",
+        "Il treno per Roma parte alle otto del mattino.",
+    ],
+}
+
+
+@dataclass(frozen=True)
+class SynthClip:
+    path: Path
+    text: str
+    language: str
+
+
+def have_espeak() -> bool:
+    return shutil.which("espeak-ng") is not None
+
+
+def speak(text: str, language: str, out: Path, *, speed: int = 140, pitch: int = 50, voice: str | None = None) -> Path:
+    """Write espeak-ng speech to ``out`` (WAV, 22.05 kHz)."""
+    if not have_espeak():
+        raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = ["espeak-ng", "-v", voice or language, "-s", str(speed), "-p", str(pitch), "-w", str(out), text]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return out
+
+
+def with_noise(audio: np.ndarray, snr_db: float, seed: int = 0) -> np.ndarray:
+    """White noise mixed at ``snr_db`` (deterministic)."""
+    rng = np.random.default_rng(seed)
+    noise = rng.standard_normal(audio.shape).astype(np.float32)
+    signal_power = float(np.mean(audio**2)) or 1e-8
+    noise *= np.sqrt(signal_power / (10 ** (snr_db / 10)) / float(np.mean(noise**2)))
+    return (audio + noise).astype(np.float32)
+
+
+def write_wav(audio: np.ndarray, out: Path) -> Path:
+    import soundfile as sf
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(out, audio, SAMPLE_RATE, subtype="PCM_16")
+    return out
+
+
+def sentence_clips(out_dir: Path, languages: list[str] | None = None, per_language: int = 1) -> list[SynthClip]:
+    """One WAV per sentence, cached by name in ``out_dir``."""
+    clips = []
+    for lang in languages or list(SENTENCES):
+        for i, text in enumerate(SENTENCES[lang][:per_language]):
+            path = out_dir / f"espeak_{lang}_{i}.wav"
+            if not path.exists():
+                speak(text, lang, path)
+            clips.append(SynthClip(path, text, lang))
+    return clips
+
+
+def load(path: Path) -> np.ndarray:
+    return decode_audio(path)

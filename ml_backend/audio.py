@@ -1,0 +1,112 @@
+"""Audio decoding (FFmpeg → 16 kHz mono float32) and pause-aware splitting into ≤30 s windows."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_RATE = 16_000
+WINDOW_SECONDS = 30.0
+
+
+class AudioDecodeError(ValueError):
+    """Audio that cannot be used: missing, empty, corrupt, unsupported or over the limit.
+
+    ``source`` names the file (or ``<bytes>``) so one bad item in a batch is easy to find.
+    """
+
+    def __init__(self, source: str, reason: str):
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+def _ffmpeg() -> str:
+    path = shutil.which("ffmpeg")
+    if path is None:
+        raise RuntimeError("ffmpeg is not installed (apt-get install ffmpeg)")
+    return path
+
+
+def decode_audio(
+    source: str | Path | bytes,
+    *,
+    max_seconds: float | None = None,
+    name: str | None = None,
+) -> np.ndarray:
+    """Decode any FFmpeg-readable audio (WAV/MP3/M4A/FLAC/OGG/AIFF/WebM …) to 16 kHz mono float32.
+
+    ``max_seconds`` guards memory: longer audio raises :class:`AudioDecodeError` instead of
+    being decoded in full. Channels are averaged, any sample rate is resampled.
+    """
+    label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
+    if isinstance(source, bytes):
+        if not source:
+            raise AudioDecodeError(label, "empty input")
+        data, input_arg = source, "pipe:0"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise AudioDecodeError(label, "file not found")
+        if path.stat().st_size == 0:
+            raise AudioDecodeError(label, "file is empty")
+        data, input_arg = None, str(path)
+
+    cmd = [_ffmpeg(), "-nostdin", "-hide_banner", "-loglevel", "error", "-threads", "0", "-i", input_arg]
+    if max_seconds is not None:
+        cmd += ["-t", f"{max_seconds + 1:.3f}"]  # read one second past the limit to detect "too long"
+    cmd += ["-vn", "-f", "f32le", "-acodec", "pcm_f32le", "-ac", "1", "-ar", str(SAMPLE_RATE), "pipe:1"]
+    proc = subprocess.run(cmd, input=data, capture_output=True)
+    if proc.returncode != 0:
+        detail = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        reason = detail[-1] if detail else f"ffmpeg exited with {proc.returncode}"
+        raise AudioDecodeError(label, f"cannot decode audio ({reason})")
+    audio = np.frombuffer(proc.stdout, dtype=np.float32)
+    if audio.size == 0:
+        raise AudioDecodeError(label, "no audio samples (not an audio file, or zero length)")
+    if max_seconds is not None and audio.size > max_seconds * SAMPLE_RATE:
+        raise AudioDecodeError(label, f"longer than the {max_seconds:g} s limit")
+    if not np.isfinite(audio).all():
+        raise AudioDecodeError(label, "decoded samples are not finite")
+    return audio.copy()  # writable, owned
+
+
+def duration(audio: np.ndarray) -> float:
+    return audio.shape[-1] / SAMPLE_RATE
+
+
+def split_at_pauses(
+    audio: np.ndarray,
+    max_seconds: float = WINDOW_SECONDS,
+    search_seconds: float = 5.0,
+    frame_seconds: float = 0.02,
+) -> list[tuple[int, int]]:
+    """Cut ``audio`` into windows of at most ``max_seconds``, each cut at the quietest point.
+
+    Each cut is placed at the lowest-energy frame in the last ``search_seconds`` before
+    the limit, so words are not split mid-way where a pause exists. Returns sample
+    ``(start, end)`` pairs covering the whole signal.
+    """
+    total = audio.shape[-1]
+    limit = int(max_seconds * SAMPLE_RATE)
+    if total <= limit:
+        return [(0, total)]
+    frame = max(1, int(frame_seconds * SAMPLE_RATE))
+    search = int(search_seconds * SAMPLE_RATE)
+    windows: list[tuple[int, int]] = []
+    start = 0
+    while total - start > limit:
+        lo, hi = start + limit - search, start + limit
+        region = audio[lo:hi]
+        n_frames = region.size // frame
+        energy = np.square(region[: n_frames * frame].reshape(n_frames, frame)).mean(axis=1)
+        # Prefer the latest of the quietest frames: a long final window wastes less padding.
+        quietest = np.flatnonzero(energy <= energy.min() * 1.5 + 1e-10)[-1]
+        cut = lo + int(quietest) * frame + frame // 2
+        windows.append((start, cut))
+        start = cut
+    windows.append((start, total))
+    return windows

@@ -1,0 +1,403 @@
+"""The Whisper transcription engine: audio in, typed transcripts with uncertainty out.
+
+One :class:`WhisperEngine` loads the model once. ``transcribe`` takes a batch of 16 kHz
+mono clips of any length, cuts each at pauses into ≤30 s windows, decodes the windows
+in duration-sorted batches (language detected per window, so a file that switches
+language mid-way reports both), falls back to sampling at rising temperature when a
+window loops, and reassembles one :class:`Transcription` per clip. Identical audio is
+decoded once per model version and options (content-hash cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from . import audio as audio_lib
+from .decoding import DecodedSequence, SpecialTokens, WhisperDecoder
+from .model_store import ResolvedModel, resolve
+from .settings import Settings
+from .uncertainty import NO_SPEECH_THRESHOLD, LOGPROB_THRESHOLD, Uncertainty, compression_ratio, confidence, max_run
+
+log = logging.getLogger(__name__)
+
+TIME_PRECISION = 0.02  # seconds per timestamp token
+
+
+@dataclass(frozen=True)
+class TranscribeOptions:
+    task: str = "transcribe"
+    """``transcribe`` keeps the spoken language; ``translate`` writes English."""
+    language: str | None = None
+    """Force this language code for every window; ``None`` detects it per window."""
+    timestamps: bool = True
+    """Predict segment timestamps (costs two tokens per segment)."""
+    temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    """Greedy first; hotter sampling only for windows that loop or are improbable (Whisper's fallback)."""
+
+    def __post_init__(self) -> None:
+        if self.task not in ("transcribe", "translate"):
+            raise ValueError(f"task must be 'transcribe' or 'translate', not {self.task!r}")
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: float
+    end: float
+    text: str
+    language: str
+
+
+@dataclass(frozen=True)
+class Transcription:
+    text: str
+    language: str
+    language_probability: float
+    confidence: float
+    duration: float
+    segments: tuple[Segment, ...]
+    uncertainty: Uncertainty
+    model_version: str
+
+    @property
+    def languages(self) -> list[str]:
+        """Languages in order of first appearance (a bilingual file lists both)."""
+        seen: dict[str, None] = {}
+        for s in self.segments:
+            seen.setdefault(s.language, None)
+        return list(seen) or [self.language]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["segments"] = [asdict(s) for s in self.segments]
+        d["languages"] = self.languages
+        return d
+
+
+@dataclass
+class _Window:
+    item: int
+    offset: float
+    samples: np.ndarray
+
+    @property
+    def duration(self) -> float:
+        return audio_lib.duration(self.samples)
+
+
+@dataclass
+class _WindowResult:
+    segments: list[Segment]
+    text: str
+    language: str
+    language_probability: float
+    uncertainty: Uncertainty
+    n_tokens: int
+    duration: float
+    speech: bool = field(default=True)
+
+
+def _pick_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def _pick_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting != "auto":
+        return getattr(torch, setting)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+class WhisperEngine:
+    """Whisper with uncertainty; thread-safe (one decode at a time, cache shared)."""
+
+    def __init__(self, settings: Settings | None = None, model: str | None = None, *, install_missing: bool = False):
+        from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizer
+        from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+        self.settings = settings or Settings.from_env()
+        self.resolved: ResolvedModel = resolve(self.settings, model, install_missing=install_missing)
+        self.device = _pick_device(self.settings.device)
+        self.dtype = _pick_dtype(self.settings.dtype, self.device)
+        if self.device.type == "cpu" and self.settings.cpu_threads > 0:
+            torch.set_num_threads(self.settings.cpu_threads)
+        log.info("loading %s (%s) on %s/%s", self.resolved.name, self.resolved.version, self.device, self.dtype)
+
+        self.tokenizer = WhisperTokenizer.from_pretrained(self.resolved.path)
+        self.feature_extractor = WhisperFeatureExtractor.from_pretrained(self.resolved.path)
+        model_ = WhisperForConditionalGeneration.from_pretrained(
+            self.resolved.path, dtype=self.dtype, attn_implementation="sdpa"
+        ).to(self.device).eval()
+        self.quantized = self.settings.quantize and self.device.type == "cpu"
+        if self.quantized:
+            model_ = torch.ao.quantization.quantize_dynamic(model_, {torch.nn.Linear}, dtype=torch.qint8)
+        self.model = model_
+        config = model_.config
+        self.special = SpecialTokens.from_tokenizer(self.tokenizer, list(LANGUAGES))
+        self.decoder = WhisperDecoder(
+            model_, self.special, list(config.suppress_tokens or []), list(config.begin_suppress_tokens or [])
+        )
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[tuple, Transcription] = OrderedDict()
+
+    @property
+    def model_version(self) -> str:
+        return self.resolved.version + ("-int8" if self.quantized else "")
+
+    @property
+    def languages(self) -> list[str]:
+        return list(self.special.languages) or ["en"]
+
+    # ---- public API -------------------------------------------------------------------------
+
+    def transcribe(
+        self,
+        clips: Sequence[np.ndarray],
+        options: TranscribeOptions = TranscribeOptions(),
+        *,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> list[Transcription]:
+        """Transcribe 16 kHz mono float32 clips; one :class:`Transcription` per clip, in order.
+
+        ``on_batch(n_windows)`` is called after each decoded batch (progress bars).
+        """
+        if options.language is not None and options.language not in self.languages:
+            raise ValueError(f"unknown language {options.language!r} for this model")
+        keys = [self._cache_key(c, options) for c in clips]
+        results: list[Transcription | None] = [None] * len(clips)
+        with self._lock:
+            for i, key in enumerate(keys):
+                if key in self._cache:
+                    self._cache.move_to_end(key)
+                    results[i] = self._cache[key]
+        todo = [i for i, r in enumerate(results) if r is None]
+        first_of_key: dict[tuple, int] = {}
+        for i in todo:
+            first_of_key.setdefault(keys[i], i)
+        unique = sorted(set(first_of_key.values()))
+        if unique:
+            windows = [
+                _Window(i, start / audio_lib.SAMPLE_RATE, clips[i][start:end])
+                for i in unique
+                for start, end in audio_lib.split_at_pauses(clips[i])
+            ]
+            with self._lock:
+                decoded = self._decode_windows(windows, options, on_batch)
+                for i in unique:
+                    own = [(w, r) for w, r in zip(windows, decoded) if w.item == i]
+                    results[i] = self._assemble(own, audio_lib.duration(clips[i]))
+                    self._cache[keys[i]] = results[i]
+                while len(self._cache) > self.settings.cache_size:
+                    self._cache.popitem(last=False)
+        for i in todo:
+            results[i] = results[first_of_key[keys[i]]]
+        return results  # type: ignore[return-value]
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+    def transcribe_files(
+        self,
+        paths: Iterable[str],
+        options: TranscribeOptions = TranscribeOptions(),
+        *,
+        max_seconds: float | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> list[Transcription | audio_lib.AudioDecodeError]:
+        """Decode and transcribe files; a file that cannot be decoded yields its error, not an exception."""
+        paths = list(paths)
+        decoded: list[np.ndarray | audio_lib.AudioDecodeError] = []
+        for p in paths:
+            try:
+                decoded.append(audio_lib.decode_audio(p, max_seconds=max_seconds))
+            except audio_lib.AudioDecodeError as exc:
+                log.warning("skipping %s", exc)
+                decoded.append(exc)
+        good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
+        texts = self.transcribe([decoded[i] for i in good], options, on_batch=on_batch)
+        out: list[Transcription | audio_lib.AudioDecodeError] = list(decoded)  # errors stay in place
+        for i, t in zip(good, texts):
+            out[i] = t
+        return out
+
+    def count_windows(self, clips: Sequence[np.ndarray]) -> int:
+        return sum(len(audio_lib.split_at_pauses(c)) for c in clips)
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _cache_key(self, clip: np.ndarray, options: TranscribeOptions) -> tuple:
+        digest = hashlib.sha256(np.ascontiguousarray(clip, dtype=np.float32).tobytes()).hexdigest()
+        return (digest, self.model_version, options)
+
+    def _features(self, windows: list[_Window]) -> torch.Tensor:
+        feats = self.feature_extractor(
+            [w.samples for w in windows], sampling_rate=audio_lib.SAMPLE_RATE, return_tensors="pt"
+        ).input_features
+        return feats
+
+    def _decode_windows(
+        self, windows: list[_Window], options: TranscribeOptions, on_batch: Callable[[int], None] | None
+    ) -> list[_WindowResult]:
+        order = sorted(range(len(windows)), key=lambda k: -windows[k].duration)
+        results: list[_WindowResult | None] = [None] * len(windows)
+        size = max(1, self.settings.batch_size)
+        for b in range(0, len(order), size):
+            idx = order[b : b + size]
+            batch = [windows[k] for k in idx]
+            for k, r in zip(idx, self._decode_batch(batch, options)):
+                results[k] = r
+            if on_batch:
+                on_batch(len(batch))
+        return results  # type: ignore[return-value]
+
+    def _decode_batch(self, windows: list[_Window], options: TranscribeOptions) -> list[_WindowResult]:
+        encoded = self.decoder.encode(self._features(windows))
+        posteriors = self.decoder.detect_language(encoded)
+        languages, language_probs = [], []
+        for post in posteriors:
+            code = options.language or post.best()[0]
+            languages.append(code)
+            language_probs.append(post.probabilities.get(code, 1.0))
+        prompts = [self.decoder.prompt(lang, options.task, options.timestamps) for lang in languages]
+        no_speech = [p.no_speech_prob for p in posteriors]
+
+        temperatures = options.temperatures or (0.0,)
+        generator = torch.Generator(device=self.device).manual_seed(0)
+        best: list[tuple[DecodedSequence, Uncertainty] | None] = [None] * len(windows)
+        pending = list(range(len(windows)))
+        for t in temperatures:
+            sel = torch.tensor(pending, device=encoded.device)
+            decoded = self.decoder.decode(
+                encoded.index_select(0, sel), [prompts[k] for k in pending],
+                timestamps=options.timestamps, temperature=t, generator=generator,
+            )
+            still = []
+            for k, seq in zip(pending, decoded):
+                u = self._signals(seq, no_speech[k], t)
+                if best[k] is None or self._better(u, best[k][1]):
+                    best[k] = (seq, u)
+                if u.needs_fallback():
+                    still.append(k)
+            pending = still
+            if not pending:
+                break
+        return [
+            self._window_result(w, seq, u, lang, lp)
+            for w, (seq, u), lang, lp in zip(windows, best, languages, language_probs)  # type: ignore[misc]
+        ]
+
+    @staticmethod
+    def _better(new: Uncertainty, old: Uncertainty) -> bool:
+        """Prefer a decode that does not loop, then the more probable one."""
+        if new.looks_like_repetition != old.looks_like_repetition:
+            return not new.looks_like_repetition
+        return new.mean_logprob > old.mean_logprob
+
+    def _text_positions(self, seq: DecodedSequence) -> list[int]:
+        """Indices into entropies/logprobs of text tokens, plus the step that chose to stop."""
+        idx = [i for i, tok in enumerate(seq.tokens) if tok < self.special.eot]
+        if len(seq.entropies) > len(seq.tokens):
+            idx.append(len(seq.entropies) - 1)
+        return idx or list(range(len(seq.entropies)))
+
+    def _signals(self, seq: DecodedSequence, no_speech: float, temperature: float) -> Uncertainty:
+        idx = self._text_positions(seq)
+        entropies = [seq.entropies[i] for i in idx] or [0.0]
+        logprobs = [seq.logprobs[i] for i in idx] or [0.0]
+        text_tokens = [t for t in seq.tokens if t < self.special.eot]
+        text = self.tokenizer.decode(text_tokens)
+        return Uncertainty(
+            mean_entropy=float(np.mean(entropies)),
+            max_entropy=float(np.max(entropies)),
+            mean_logprob=float(np.mean(logprobs)),
+            no_speech_prob=float(no_speech),
+            compression_ratio=compression_ratio(text),
+            max_token_run=max(max_run(text_tokens), max_run(text.split())),
+            temperature=temperature,
+        )
+
+    def _window_result(
+        self, window: _Window, seq: DecodedSequence, u: Uncertainty, language: str, language_prob: float
+    ) -> _WindowResult:
+        silent = u.no_speech_prob > NO_SPEECH_THRESHOLD and u.mean_logprob < LOGPROB_THRESHOLD
+        segments = [] if silent else self._segments(seq.tokens, window, language)
+        text = " ".join(s.text for s in segments).strip()
+        n_tokens = len(self._text_positions(seq))
+        return _WindowResult(segments, text, language, language_prob, u, n_tokens, window.duration, not silent)
+
+    def _segments(self, tokens: list[int], window: _Window, language: str) -> list[Segment]:
+        """Split timestamped tokens into segments; untimed text becomes one segment for the window."""
+        tb, eot = self.special.timestamp_begin, self.special.eot
+        segments: list[Segment] = []
+        start: float | None = None
+        pending: list[int] = []
+
+        def close(end: float) -> None:
+            text = self.tokenizer.decode(pending).strip()
+            if text:
+                s = start if start is not None else (segments[-1].end - window.offset if segments else 0.0)
+                e = min(max(end, s), window.duration)
+                segments.append(Segment(round(window.offset + s, 3), round(window.offset + e, 3), text, language))
+
+        for tok in tokens:
+            if tok >= tb:
+                time = (tok - tb) * TIME_PRECISION
+                if pending:
+                    close(time)
+                    pending, start = [], None
+                else:
+                    start = time
+            elif tok < eot:
+                pending.append(tok)
+        if pending:
+            close(window.duration)
+        return segments
+
+    def _assemble(self, parts: list[tuple[_Window, _WindowResult]], total_duration: float) -> Transcription:
+        parts.sort(key=lambda p: p[0].offset)
+        results = [r for _, r in parts]
+        spoken = [r for r in results if r.text] or results
+        by_language: dict[str, float] = {}
+        for r in spoken:
+            by_language[r.language] = by_language.get(r.language, 0.0) + r.duration
+        language = max(by_language, key=by_language.__getitem__)
+        same = [r for r in spoken if r.language == language]
+        language_prob = sum(r.language_probability * r.duration for r in same) / max(
+            sum(r.duration for r in same), 1e-9
+        )
+        tokens = np.array([max(r.n_tokens, 1) for r in results], dtype=float)
+        durations = np.array([r.duration for r in results])
+        u = Uncertainty(
+            mean_entropy=float(np.average([r.uncertainty.mean_entropy for r in results], weights=tokens)),
+            max_entropy=max(r.uncertainty.max_entropy for r in results),
+            mean_logprob=float(np.average([r.uncertainty.mean_logprob for r in results], weights=tokens)),
+            no_speech_prob=float(np.average([r.uncertainty.no_speech_prob for r in results], weights=durations)),
+            compression_ratio=max(r.uncertainty.compression_ratio for r in results),
+            max_token_run=max(r.uncertainty.max_token_run for r in results),
+            temperature=max(r.uncertainty.temperature for r in results),
+        )
+        # A clip is as uncertain as its least certain spoken window.
+        score = min(confidence(r.uncertainty) for r in spoken)
+        segments = tuple(s for r in results for s in r.segments)
+        text = " ".join(r.text for r in results if r.text)
+        return Transcription(
+            text=text,
+            language=language,
+            language_probability=float(language_prob),
+            confidence=score,
+            duration=round(total_duration, 3),
+            segments=segments,
+            uncertainty=u,
+            model_version=self.model_version,
+        )

@@ -1,0 +1,123 @@
+"""The engine on real speech with the real bundled Whisper base (CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from loopscribe.synth import SENTENCES, speak, with_noise
+from ml_backend.audio import SAMPLE_RATE, decode_audio
+from ml_backend.engine import TranscribeOptions, Transcription
+from ml_backend.uncertainty import MAX_TOKEN_RUN, max_run
+from training.metrics import error_rate
+
+pytestmark = pytest.mark.slow
+
+REAL_CLIPS = ["jfk_en.flac", "one_two_three_en.wav", "dictee_fr.aiff", "zh_short.flac",
+              "two_speakers_stereo_en.wav", "comfyui_en.mp3", "mit_license_en_de.mp3"]
+
+
+@pytest.fixture(scope="module")
+def real_results(engine, clip) -> dict[str, Transcription]:
+    """All real clips in one batched call (the way the backend calls the engine)."""
+    return dict(zip(REAL_CLIPS, engine.transcribe([clip(n) for n in REAL_CLIPS])))
+
+
+def test_jfk_sentence(real_results, transcripts):
+    r = real_results["jfk_en.flac"]
+    assert r.language == "en" and r.language_probability > 0.5
+    assert error_rate([transcripts["jfk_en.flac"]["text"]], [r.text], "en") <= 0.05
+    assert r.segments and r.segments[0].start < 1.0 and r.segments[-1].end <= r.duration + 0.01
+
+
+def test_languages_detected_on_real_recordings(real_results):
+    assert real_results["dictee_fr.aiff"].language == "fr"
+    assert real_results["zh_short.flac"].language == "zh"
+    assert real_results["one_two_three_en.wav"].language == "en"
+
+
+def test_long_bilingual_file_windows_languages_and_timestamps(real_results):
+    r = real_results["mit_license_en_de.mp3"]
+    assert r.languages == ["en", "de"]
+    assert r.duration > 55
+    starts = [s.start for s in r.segments]
+    assert starts == sorted(starts)
+    assert all(s.start <= s.end <= r.duration + 0.01 for s in r.segments)
+    english = " ".join(s.text for s in r.segments if s.language == "en")
+    german = " ".join(s.text for s in r.segments if s.language == "de")
+    assert "Permission is hereby granted" in english
+    assert "Software" in german and max(s.end for s in r.segments) > 45  # timestamps run past the first window
+    assert not r.uncertainty.looks_like_repetition
+
+
+def test_no_token_repeated_more_than_five_times(real_results):
+    for name, r in real_results.items():
+        words = r.text.split()
+        assert max_run(words) <= MAX_TOKEN_RUN, (name, r.text)
+        assert r.uncertainty.max_token_run <= MAX_TOKEN_RUN, (name, r.text)
+        for s in r.segments:
+            assert max_run(s.text.split()) <= MAX_TOKEN_RUN, (name, s.text)
+
+
+@pytest.mark.parametrize("language", ["en", "de", "es", "it"])
+def test_espeak_languages_detected(engine, espeak_dir, language):
+    path = speak(SENTENCES[language][0], language, espeak_dir / f"{language}.wav")
+    r = engine.transcribe([decode_audio(path)])[0]
+    assert r.language == language, r
+    assert error_rate([SENTENCES[language][0]], [r.text], language) <= 0.5, r.text
+
+
+def test_confidence_separates_clean_from_noise_silence_and_wrong_language(engine, clip):
+    jfk = clip("jfk_en.flac")
+    clean, noisy, silence = engine.transcribe(
+        [jfk, with_noise(jfk, snr_db=-5.0), np.zeros(5 * SAMPLE_RATE, dtype=np.float32)]
+    )
+    wrong = engine.transcribe([jfk], TranscribeOptions(language="ja"))[0]
+    assert wrong.language == "ja"
+    for other in (noisy, silence, wrong):
+        assert clean.confidence > other.confidence, (clean.confidence, other)
+    assert silence.uncertainty.no_speech_prob > 0.5
+
+
+def test_results_are_typed_and_complete(real_results):
+    for r in real_results.values():
+        assert 0.0 <= r.confidence <= 1.0 and 0.0 <= r.language_probability <= 1.0
+        u = r.uncertainty
+        for value in (u.mean_entropy, u.max_entropy, u.mean_logprob, u.no_speech_prob, u.compression_ratio):
+            assert np.isfinite(value)
+        assert u.max_entropy >= u.mean_entropy >= 0
+        assert r.model_version.startswith("whisper-base-")
+        d = r.to_dict()
+        assert {"text", "language", "language_probability", "confidence", "segments", "uncertainty"} <= set(d)
+
+
+def test_translate_task_writes_english(engine, clip):
+    r = engine.transcribe([clip("dictee_fr.aiff")], TranscribeOptions(task="translate"))[0]
+    assert r.language == "fr"
+    assert "dict" in r.text.lower() or "number" in r.text.lower() or "dictation" in r.text.lower(), r.text
+
+
+def test_identical_audio_is_decoded_once(engine, clip):
+    engine.clear_cache()
+    jfk = clip("jfk_en.flac")
+    batches: list[int] = []
+    first = engine.transcribe([jfk, jfk.copy()], on_batch=batches.append)
+    assert sum(batches) == 1  # two identical clips → one window decoded
+    again = engine.transcribe([jfk], on_batch=batches.append)
+    assert sum(batches) == 1 and again[0] == first[0] == first[1]
+    other_options = engine.transcribe([jfk], TranscribeOptions(timestamps=False), on_batch=batches.append)
+    assert sum(batches) == 2 and other_options[0].text
+
+
+def test_batch_order_is_kept_and_bad_file_does_not_fail_the_batch(engine, shared_audio, tmp_path):
+    corrupt = tmp_path / "corrupt.mp3"
+    corrupt.write_bytes(b"\xff\xfb" + b"garbage" * 100)
+    results = engine.transcribe_files([shared_audio / "dictee_fr.aiff", corrupt, shared_audio / "jfk_en.flac"])
+    assert results[0].language == "fr"
+    assert "corrupt.mp3" in str(results[1])
+    assert results[2].language == "en"
+
+
+def test_forced_unknown_language_is_a_clear_error(engine, clip):
+    with pytest.raises(ValueError, match="unknown language"):
+        engine.transcribe([clip("jfk_en.flac")], TranscribeOptions(language="xx"))

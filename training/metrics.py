@@ -1,0 +1,47 @@
+"""WER/CER with Whisper-style text normalization (jiwer does the alignment)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import jiwer
+
+# Scripts written without spaces between words: score them by characters.
+CHARACTER_LANGUAGES = {"zh", "ja", "th", "lo", "km", "my", "bo", "yue"}
+
+
+@lru_cache(maxsize=2)
+def _normalizer(english: bool):
+    from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
+
+    return EnglishTextNormalizer({}) if english else BasicTextNormalizer()
+
+
+def normalize(text: str, language: str | None = "en") -> str:
+    """Whisper's English normalizer for English, its basic (lower-case, no punctuation) one otherwise."""
+    return " ".join(_normalizer(language == "en")(text).split())
+
+
+def error_rate(references: list[str], hypotheses: list[str], language: str | None = "en") -> float:
+    """WER, or CER for languages written without spaces; both after normalization."""
+    refs = [normalize(r, language) for r in references]
+    hyps = [normalize(h, language) for h in hypotheses]
+    if language in CHARACTER_LANGUAGES:
+        refs = [r.replace(" ", "") for r in refs]
+        hyps = [h.replace(" ", "") for h in hyps]
+        return jiwer.cer(refs, hyps)
+    return jiwer.wer(refs, hyps)
+
+
+def corpus_error_rate(references: list[str], hypotheses: list[str], languages: list[str]) -> float:
+    """Errors over reference units across clips (words, or characters for zh/ja/…): one long clip
+    counts for its length, and one short clip with a normalization quirk does not dominate."""
+    errors = units = 0
+    for ref, hyp, lang in zip(references, hypotheses, languages):
+        r, h = normalize(ref, lang), normalize(hyp, lang)
+        if lang in CHARACTER_LANGUAGES:
+            r, h = " ".join(r.replace(" ", "")), " ".join(h.replace(" ", ""))
+        out = jiwer.process_words(r or "<empty>", h)
+        errors += out.substitutions + out.deletions + out.insertions
+        units += len(r.split()) or 1
+    return errors / max(units, 1)
