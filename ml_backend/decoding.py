@@ -38,11 +38,14 @@ class SpecialTokens:
         return bool(self.languages)
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, language_codes: list[str]) -> "SpecialTokens":
+    def from_tokenizer(cls, tokenizer, language_codes: list[str], multilingual: bool) -> "SpecialTokens":
+        """``multilingual`` comes from the model: *.en tokenizers list language tokens the model never learned."""
         ids = tokenizer.convert_tokens_to_ids
         no_timestamps = ids("<|notimestamps|>")
         vocab = tokenizer.get_vocab()
         languages = {code: vocab[f"<|{code}|>"] for code in language_codes if f"<|{code}|>" in vocab}
+        if not multilingual:
+            languages = {}
         return cls(
             eot=ids("<|endoftext|>"),
             sot=ids("<|startoftranscript|>"),

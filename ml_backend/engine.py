@@ -29,6 +29,7 @@ from .uncertainty import NO_SPEECH_THRESHOLD, LOGPROB_THRESHOLD, Uncertainty, co
 log = logging.getLogger(__name__)
 
 TIME_PRECISION = 0.02  # seconds per timestamp token
+MULTILINGUAL_VOCAB_SIZE = 51865  # English-only checkpoints have 51864 tokens
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,8 @@ class WhisperEngine:
             model_ = torch.ao.quantization.quantize_dynamic(model_, {torch.nn.Linear}, dtype=torch.qint8)
         self.model = model_
         config = model_.config
-        self.special = SpecialTokens.from_tokenizer(self.tokenizer, list(LANGUAGES))
+        multilingual = config.vocab_size >= MULTILINGUAL_VOCAB_SIZE
+        self.special = SpecialTokens.from_tokenizer(self.tokenizer, list(LANGUAGES), multilingual)
         self.decoder = WhisperDecoder(
             model_, self.special, list(config.suppress_tokens or []), list(config.begin_suppress_tokens or [])
         )

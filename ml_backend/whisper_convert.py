@@ -157,7 +157,7 @@ def convert_ct2_to_hf(ct2_dir: Path, out_dir: Path) -> None:
     _ensure_timestamp_tokens(tokenizer)
 
     vocab_size, d_model = variables["decoder/embeddings/weight"].shape
-    multilingual = vocab_size >= 51865
+    multilingual = vocab_size >= 51865  # English-only (*.en) checkpoints have 51864
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in (
         "<|endoftext|>", "<|startoftranscript|>", "<|translate|>", "<|transcribe|>",
         "<|startofprev|>", "<|notimestamps|>")}

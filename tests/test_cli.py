@@ -1,0 +1,50 @@
+"""The `loopscribe` command as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "loopscribe.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_transcribe_json_lines(shared_audio, tmp_path, engine):
+    corrupt = tmp_path / "broken.wav"
+    corrupt.write_bytes(b"RIFF....WAVEjunk")
+    proc = run_cli("transcribe", "--json", str(shared_audio / "jfk_en.flac"), str(corrupt),
+                   str(shared_audio / "dictee_fr.aiff"))
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    by_file = {rec["file"]: rec for rec in lines}
+    jfk = by_file[str(shared_audio / "jfk_en.flac")]
+    assert {"file", "text", "language", "language_probability", "confidence", "segments"} <= set(jfk)
+    assert jfk["language"] == "en" and "fellow Americans" in jfk["text"]
+    assert all({"start", "end", "text"} <= set(s) for s in jfk["segments"])
+    assert by_file[str(shared_audio / "dictee_fr.aiff")]["language"] == "fr"
+    assert "error" in by_file[str(corrupt)]
+    assert "broken.wav" in proc.stderr
+
+
+@pytest.mark.slow
+def test_transcribe_plain_with_options(shared_audio, engine):
+    proc = run_cli("transcribe", "--task", "translate", "--language", "fr", str(shared_audio / "dictee_fr.aiff"))
+    assert proc.returncode == 0, proc.stderr
+    file, language, probability, confidence, text = proc.stdout.strip().split("\t")
+    assert language == "fr" and 0 <= float(confidence) <= 1 and text
+
+
+def test_unknown_language_is_a_clean_error(shared_audio, engine):
+    proc = run_cli("transcribe", "--language", "xx", str(shared_audio / "jfk_en.flac"))
+    assert proc.returncode == 2 and "unknown language" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_model_list(engine):
+    proc = run_cli("model", "list")
+    assert proc.returncode == 0
+    assert "base" in proc.stdout and engine.resolved.version in proc.stdout and "tiny.en" in proc.stdout
