@@ -83,11 +83,12 @@ def split_at_pauses(
     max_seconds: float = WINDOW_SECONDS,
     search_seconds: float = 5.0,
     frame_seconds: float = 0.02,
+    pause_seconds: float = 0.2,
 ) -> list[tuple[int, int]]:
     """Cut ``audio`` into windows of at most ``max_seconds``, each cut at the quietest point.
 
-    Each cut is placed at the lowest-energy frame in the last ``search_seconds`` before
-    the limit, so words are not split mid-way where a pause exists. Returns sample
+    Each cut is placed in the middle of the quietest ``pause_seconds`` stretch within the
+    last ``search_seconds`` before the limit, so words are not split where a pause exists. Returns sample
     ``(start, end)`` pairs covering the whole signal.
     """
     total = audio.shape[-1]
@@ -103,9 +104,10 @@ def split_at_pauses(
         region = audio[lo:hi]
         n_frames = region.size // frame
         energy = np.square(region[: n_frames * frame].reshape(n_frames, frame)).mean(axis=1)
-        # Prefer the latest of the quietest frames: a long final window wastes less padding.
-        quietest = np.flatnonzero(energy <= energy.min() * 1.5 + 1e-10)[-1]
-        cut = lo + int(quietest) * frame + frame // 2
+        # Smooth over ~0.2 s so the minimum is the middle of a real pause, not a gap inside a word.
+        span = max(1, int(pause_seconds / frame_seconds))
+        smooth = np.convolve(energy, np.ones(span) / span, mode="same")
+        cut = lo + int(np.argmin(smooth)) * frame + frame // 2
         windows.append((start, cut))
         start = cut
     windows.append((start, total))

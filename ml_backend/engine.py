@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 TIME_PRECISION = 0.02  # seconds per timestamp token
 MULTILINGUAL_VOCAB_SIZE = 51865  # English-only checkpoints have 51864 tokens
+MIN_TAIL_SECONDS = 1.0  # an undecoded window end shorter than this is left alone
+MAX_TAIL_ROUNDS = 2
 
 
 @dataclass(frozen=True)
@@ -196,7 +198,7 @@ class WhisperEngine:
             with self._lock:
                 decoded = self._decode_windows(windows, options, on_batch)
                 for i in unique:
-                    own = [(w, r) for w, r in zip(windows, decoded) if w.item == i]
+                    own = [(w, r) for w, r in decoded if w.item == i]
                     results[i] = self._assemble(own, audio_lib.duration(clips[i]))
                     self._cache[keys[i]] = results[i]
                 while len(self._cache) > self.settings.cache_size:
@@ -250,18 +252,41 @@ class WhisperEngine:
 
     def _decode_windows(
         self, windows: list[_Window], options: TranscribeOptions, on_batch: Callable[[int], None] | None
-    ) -> list[_WindowResult]:
-        order = sorted(range(len(windows)), key=lambda k: -windows[k].duration)
-        results: list[_WindowResult | None] = [None] * len(windows)
+    ) -> list[tuple[_Window, _WindowResult]]:
+        """Decode windows in duration-sorted batches, then the tails a window left undecoded.
+
+        Whisper sometimes closes its last segment early and stops, leaving the end of a
+        window untranscribed; openai-whisper then seeks to the last timestamp and decodes
+        again. The same happens here: such a tail becomes a window of the next round.
+        """
+        done: list[tuple[_Window, _WindowResult]] = []
         size = max(1, self.settings.batch_size)
-        for b in range(0, len(order), size):
-            idx = order[b : b + size]
-            batch = [windows[k] for k in idx]
-            for k, r in zip(idx, self._decode_batch(batch, options)):
-                results[k] = r
-            if on_batch:
-                on_batch(len(batch))
-        return results  # type: ignore[return-value]
+        for round_ in range(MAX_TAIL_ROUNDS + 1):
+            windows = sorted(windows, key=lambda w: -w.duration)
+            tails: list[_Window] = []
+            for b in range(0, len(windows), size):
+                batch = windows[b : b + size]
+                for window, result in zip(batch, self._decode_batch(batch, options)):
+                    done.append((window, result))
+                    tail = self._undecoded_tail(window, result)
+                    if tail is not None and round_ < MAX_TAIL_ROUNDS:
+                        tails.append(tail)
+                if on_batch and round_ == 0:  # progress counts the windows of count_windows()
+                    on_batch(len(batch))
+            if not tails:
+                break
+            windows = tails
+        return done
+
+    @staticmethod
+    def _undecoded_tail(window: _Window, result: _WindowResult) -> _Window | None:
+        if not result.segments:  # silence, or nothing said; untimed text always ends at the window end
+            return None
+        end = result.segments[-1].end - window.offset
+        if window.duration - end < MIN_TAIL_SECONDS:
+            return None
+        start = int(end * audio_lib.SAMPLE_RATE)
+        return _Window(window.item, window.offset + end, window.samples[start:])
 
     def _decode_batch(self, windows: list[_Window], options: TranscribeOptions) -> list[_WindowResult]:
         encoded = self.decoder.encode(self._features(windows))

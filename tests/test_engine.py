@@ -46,6 +46,7 @@ def test_long_bilingual_file_windows_languages_and_timestamps(real_results):
     english = " ".join(s.text for s in r.segments if s.language == "en")
     german = " ".join(s.text for s in r.segments if s.language == "de")
     assert "Permission is hereby granted" in english
+    assert "substantial portions" in english  # the window's tail, re-decoded after Whisper stopped early
     assert "Software" in german and max(s.end for s in r.segments) > 45  # timestamps run past the first window
     assert not r.uncertainty.looks_like_repetition
 
