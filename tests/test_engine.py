@@ -122,3 +122,26 @@ def test_batch_order_is_kept_and_bad_file_does_not_fail_the_batch(engine, shared
 def test_forced_unknown_language_is_a_clear_error(engine, clip):
     with pytest.raises(ValueError, match="unknown language"):
         engine.transcribe([clip("jfk_en.flac")], TranscribeOptions(language="xx"))
+
+
+def test_temperature_fallback_runs_every_temperature_and_is_reproducible(engine, clip, monkeypatch):
+    """Force every window to 'fail' the checks: each temperature is decoded once, seeded."""
+    from ml_backend import uncertainty
+
+    monkeypatch.setattr(uncertainty.Uncertainty, "needs_fallback", lambda self: True)
+    temperatures: list[float] = []
+    real_decode = engine.decoder.decode
+
+    def spy(*args, **kwargs):
+        temperatures.append(kwargs["temperature"])
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(engine.decoder, "decode", spy)
+    options = TranscribeOptions(temperatures=(0.0, 0.5, 1.0), timestamps=False)
+    engine.clear_cache()
+    first = engine.transcribe([clip("jfk_en.flac")], options)[0]
+    engine.clear_cache()
+    second = engine.transcribe([clip("jfk_en.flac")], options)[0]
+    assert temperatures == [0.0, 0.5, 1.0] * 2
+    assert first.text == second.text and first.uncertainty == second.uncertainty
+    assert not first.uncertainty.looks_like_repetition
