@@ -42,6 +42,25 @@ class Settings:
     cache_size: int = 2048
     """WHISPER_CACHE_SIZE: transcriptions kept in memory, keyed by audio hash + model version + options."""
 
+    label_studio_url: str = "http://127.0.0.1:8080"
+    """LABEL_STUDIO_URL: where the backend fetches task audio and pushes predictions."""
+    label_studio_api_key: str = field(default="", repr=False)
+    """LABEL_STUDIO_API_KEY: the backend's own token (legacy token or personal access token)."""
+    basic_auth_user: str = ""
+    """BASIC_AUTH_USER: when set with BASIC_AUTH_PASS, the backend requires HTTP basic auth."""
+    basic_auth_pass: str = field(default="", repr=False)
+    """BASIC_AUTH_PASS."""
+    webhook_secret: str = field(default="", repr=False)
+    """WEBHOOK_SECRET: when set, /webhook requires header ``X-Loopscribe-Secret`` with this value."""
+    allowed_audio_hosts: tuple[str, ...] = ()
+    """ALLOWED_AUDIO_HOSTS: comma-separated hosts audio may come from; Label Studio's host is always allowed."""
+    max_audio_bytes: int = 200 * 1024 * 1024
+    """MAX_AUDIO_BYTES: larger task audio is refused."""
+    max_audio_seconds: float = 3600.0
+    """MAX_AUDIO_SECONDS: longer task audio is refused."""
+    backend_url: str = "http://127.0.0.1:9090"
+    """BACKEND_URL: where Label Studio reaches this ML backend."""
+
     @property
     def models_dir(self) -> Path:
         return self.home / "models"
@@ -58,8 +77,20 @@ class Settings:
             quantize=_env("WHISPER_QUANTIZE", "0").lower() in {"1", "true", "yes", "on"},
             cpu_threads=int(_env("WHISPER_CPU_THREADS", str(defaults.cpu_threads))),
             cache_size=int(_env("WHISPER_CACHE_SIZE", str(defaults.cache_size))),
+            label_studio_url=_env("LABEL_STUDIO_URL", defaults.label_studio_url).rstrip("/"),
+            label_studio_api_key=_env("LABEL_STUDIO_API_KEY", ""),
+            basic_auth_user=_env("BASIC_AUTH_USER", ""),
+            basic_auth_pass=_env("BASIC_AUTH_PASS", ""),
+            webhook_secret=_env("WEBHOOK_SECRET", ""),
+            allowed_audio_hosts=tuple(h.strip() for h in _env("ALLOWED_AUDIO_HOSTS", "").split(",") if h.strip()),
+            max_audio_bytes=int(_env("MAX_AUDIO_BYTES", str(defaults.max_audio_bytes))),
+            max_audio_seconds=float(_env("MAX_AUDIO_SECONDS", str(defaults.max_audio_seconds))),
+            backend_url=_env("BACKEND_URL", defaults.backend_url).rstrip("/"),
         )
 
     def describe(self) -> dict[str, str]:
-        """Settings as printable strings (no secrets live here)."""
-        return {f.name: str(getattr(self, f.name)) for f in fields(self)}
+        """Settings as printable strings, secrets masked."""
+        return {
+            f.name: ("***" if getattr(self, f.name) else "") if not f.repr else str(getattr(self, f.name))
+            for f in fields(self)
+        }

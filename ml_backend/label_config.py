@@ -1,0 +1,104 @@
+"""Read what a project's labeling config asks for, by tag type, not by hard-coded names."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+AUDIO_TAGS = {"audio", "audioplus"}
+
+
+class LabelConfigError(ValueError):
+    """The labeling config cannot hold Whisper predictions (says what is missing)."""
+
+
+@dataclass(frozen=True)
+class TranscriptionConfig:
+    audio_name: str  # the Audio tag's name (the to_name of every result)
+    audio_key: str  # the task data key the Audio tag reads ($audio → "audio")
+    transcript_name: str | None  # a whole-clip TextArea
+    language_name: str | None = None  # a Choices over language codes
+    language_values: dict[str, str] = field(default_factory=dict)  # code → value stored in results
+    segment_labels_name: str | None = None  # Labels for per-region segments
+    segment_label: str | None = None
+    segment_text_name: str | None = None  # perRegion TextArea
+
+    @property
+    def has_segments(self) -> bool:
+        return bool(self.segment_labels_name and self.segment_text_name)
+
+
+def _targets(tag: ET.Element, audio_name: str) -> bool:
+    return audio_name in (tag.get("toName") or "").split(",")
+
+
+def _true(value: str | None) -> bool:
+    return (value or "").lower() in {"true", "1", "yes"}
+
+
+@lru_cache(maxsize=64)
+def parse_label_config(xml: str) -> TranscriptionConfig:
+    """Find the Audio tag and the TextArea / Choices / Labels that annotate it."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as exc:
+        raise LabelConfigError(f"label config is not valid XML: {exc}") from exc
+    tags = list(root.iter())
+    audio = next((t for t in tags if t.tag.lower() in AUDIO_TAGS and t.get("name")), None)
+    if audio is None or not (audio.get("value") or "").startswith("$"):
+        raise LabelConfigError('label config needs an <Audio name="..." value="$key"/> tag')
+    audio_name, audio_key = audio.get("name"), audio.get("value")[1:]
+
+    whole_text = region_text = None
+    for t in tags:
+        if t.tag == "TextArea" and _targets(t, audio_name):
+            if _true(t.get("perRegion")):
+                region_text = region_text or t.get("name")
+            else:
+                whole_text = whole_text or t.get("name")
+
+    language_name, language_values = None, {}
+    for t in tags:
+        if t.tag != "Choices" or not _targets(t, audio_name) or _true(t.get("perRegion")):
+            continue
+        values = {}
+        for choice in t.iter("Choice"):
+            stored = choice.get("alias") or choice.get("value") or ""
+            code = stored if len(stored) <= 3 else _code_in_parentheses(choice.get("value") or "")
+            if code:
+                values[code.lower()] = stored
+        if len(values) >= 2 and ("en" in values or t.get("name", "").lower().startswith("lang")):
+            language_name, language_values = t.get("name"), values
+            break
+
+    labels = next((t for t in tags if t.tag == "Labels" and _targets(t, audio_name)), None)
+    segment_label = None
+    if labels is not None:
+        first = next(labels.iter("Label"), None)
+        segment_label = first.get("value") if first is not None else None
+
+    config = TranscriptionConfig(
+        audio_name=audio_name,
+        audio_key=audio_key,
+        transcript_name=whole_text,
+        language_name=language_name,
+        language_values=language_values,
+        segment_labels_name=labels.get("name") if labels is not None and region_text else None,
+        segment_label=segment_label,
+        segment_text_name=region_text if labels is not None else None,
+    )
+    if not config.transcript_name and not config.has_segments:
+        raise LabelConfigError(
+            f'label config needs a <TextArea toName="{audio_name}"/> for the transcript '
+            f'(or <Labels> with a perRegion TextArea for segments)'
+        )
+    return config
+
+
+def _code_in_parentheses(value: str) -> str | None:
+    """'English (en)' → 'en'."""
+    if value.endswith(")") and "(" in value:
+        code = value[value.rindex("(") + 1 : -1]
+        return code if 2 <= len(code) <= 3 else None
+    return None
