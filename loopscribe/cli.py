@@ -4,6 +4,9 @@
     loopscribe model list
     loopscribe transcribe [--json] [--task translate] [--language xx] FILE...
     loopscribe bench engine [--clips DIR] [--batch-size N] [--large-v3 DIR]
+    loopscribe up | down | status [--json]
+    loopscribe import --project N [--storage local|upload] PATH...
+    loopscribe predict --project N [--all|--missing]
 """
 
 from __future__ import annotations
@@ -86,6 +89,131 @@ def cmd_transcribe(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if failures and not clips else 0
 
 
+DEMO_PROJECT = "Loopscribe demo"
+LABEL_CONFIG = Path(__file__).resolve().parents[1] / "label_config.xml"
+
+
+def _project_report(ls, settings: Settings) -> list[dict]:
+    projects = [{"id": p.id, "title": p.title, "tasks": p.task_number or 0, "model_version": p.model_version or ""}
+                for p in ls.projects.list()]
+    return sorted(projects, key=lambda p: (p["title"] != DEMO_PROJECT, p["id"]))
+
+
+def _import_and_predict(ls, settings: Settings, project: int, paths: list[Path], storage: str, quiet: bool) -> None:
+    from ml_backend.engine import WhisperEngine
+
+    from . import labelstudio, stack
+
+    report = labelstudio.import_audio(ls, settings, project, paths, media_root=stack.StackPaths(settings.home).media,
+                                      storage=storage, progress=not quiet)
+    print(f"imported {report.files} files → {report.tasks_created} tasks "
+          f"({report.duplicates} duplicate clips skipped, {len(report.failed)} files failed)", file=sys.stderr)
+    for path, reason in report.failed.items():
+        print(f"  failed: {path}: {reason}", file=sys.stderr)
+    engine = WhisperEngine(settings, install_missing=True)
+    result = labelstudio.predict_project(ls, settings, project, engine, progress=not quiet)
+    print(f"pre-annotated {result.predicted} tasks with {engine.model_version} "
+          f"({result.skipped} already had it, {len(result.failed)} failed)", file=sys.stderr)
+
+
+def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
+    from ml_backend import model_store
+
+    from . import labelstudio, stack
+    from .corpus import shared_clips
+    from .synth import demo_clips
+
+    values = stack.ensure_env_file()
+    stack.load_env_file()
+    settings = Settings.from_env()
+    paths = stack.StackPaths(settings.home)
+    if settings.whisper_model in model_store.BUNDLED:
+        model_store.install(settings, settings.whisper_model)
+    print("starting Label Studio (first start runs migrations, about a minute) …", file=sys.stderr)
+    stack.start_label_studio(values, paths)
+    print("starting the ML backend …", file=sys.stderr)
+    stack.start_backend(values, settings, paths)
+    ls = labelstudio.client(settings)
+    project = labelstudio.find_or_create_project(ls, DEMO_PROJECT, LABEL_CONFIG.read_text())
+    demo = [c.path for c in demo_clips(settings.home / "demo")] + [c.path for c in shared_clips()]
+    _import_and_predict(ls, settings, project, demo, "local", args.quiet)
+    labelstudio.connect_backend(ls, project, settings)
+    url = settings.label_studio_url
+    print(f"""
+Loopscribe is up.
+  Label Studio:  {url}/projects/{project}/data
+  login:         {values["LABEL_STUDIO_USERNAME"]} / {values["LABEL_STUDIO_PASSWORD"]}
+  ML backend:    {settings.backend_url} (connected to project {project}, basic auth, webhook secret)
+  model:         {ls.projects.get(id=project).model_version}, uncertainty sampling on
+  least certain: curl -s -H "Authorization: Token $LABEL_STUDIO_API_KEY" {url}/api/projects/{project}/next
+  settings:      {stack.ENV_FILE} (API key, secrets)    stop: loopscribe down
+  not yet:       the retraining worker (next on the roadmap)""")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
+    from . import stack
+
+    stopped = stack.stop(stack.StackPaths(settings.home))
+    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    import requests
+
+    from ml_backend.model_store import resolve
+
+    from . import labelstudio, stack
+
+    paths = stack.StackPaths(settings.home)
+    status: dict = {
+        "label_studio_url": settings.label_studio_url,
+        "backend_url": settings.backend_url,
+        "live_model_version": resolve(settings).version,
+        "processes": {n: stack.running_pid(paths, n) for n in ("label-studio", "ml-backend")},
+        "queue": None,  # the job queue and worker arrive with the retraining issue
+        "projects": [],
+    }
+    try:
+        status["projects"] = _project_report(labelstudio.client(settings), settings)
+    except (RuntimeError, requests.RequestException, Exception) as exc:  # Label Studio down: say so, still print
+        status["label_studio_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    if args.json:
+        print(json.dumps(status, indent=None))
+    else:
+        for key in ("label_studio_url", "backend_url", "live_model_version"):
+            print(f"{key:20s} {status[key]}")
+        for name, pid in status["processes"].items():
+            print(f"{name:20s} {'running (pid %d)' % pid if pid else 'stopped'}")
+        for p in status["projects"]:
+            print(f"project {p['id']:<4d} {p['title'][:40]:40s} {p['tasks']:6d} tasks  {p['model_version']}")
+        if "label_studio_error" in status:
+            print(f"label studio: {status['label_studio_error']}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
+    from . import labelstudio
+
+    paths = labelstudio.expand_paths(args.paths)
+    _import_and_predict(labelstudio.client(settings), settings, args.project, paths, args.storage, args.quiet)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
+    from ml_backend.engine import WhisperEngine
+
+    from . import labelstudio
+
+    engine = WhisperEngine(settings, install_missing=True)
+    report = labelstudio.predict_project(labelstudio.client(settings), settings, args.project, engine,
+                                         only_missing=not args.all, progress=not args.quiet)
+    print(f"pre-annotated {report.predicted} tasks ({report.skipped} skipped, {len(report.failed)} failed, "
+          f"{report.audio_seconds:.0f} s of audio) with {engine.model_version}")
+    return 0
+
+
 def cmd_bench_engine(args: argparse.Namespace, settings: Settings) -> int:
     from .bench import bench_engine
 
@@ -124,6 +252,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--large-v3", type=Path, help="local large-v3 (HF dir with a ct2/ sibling) to bench on a GPU")
     p.add_argument("--json", type=Path, help="also write the table as JSON here")
     p.set_defaults(func=cmd_bench_engine)
+
+    p = sub.add_parser("up", help="start Label Studio and the ML backend, create and pre-annotate the demo project")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_up)
+    p = sub.add_parser("down", help="stop what `up` started")
+    p.set_defaults(func=cmd_down)
+    p = sub.add_parser("status", help="stack, model and projects")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("import", help="import audio into a project (split at pauses) and pre-annotate it")
+    p.add_argument("--project", type=int, required=True)
+    p.add_argument("--storage", choices=["local", "upload"], default="local",
+                   help="local: clips under Label Studio's local-files root (default); upload: Label Studio uploads")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="files, folders or globs")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_import)
+    p = sub.add_parser("predict", help="re-score a project with the live model (bulk, resumable)")
+    p.add_argument("--project", type=int, required=True)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--all", action="store_true", help="re-predict every task")
+    group.add_argument("--missing", action="store_true", help="only tasks without a live-version prediction (default)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 
@@ -139,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+    from .stack import load_env_file
+
+    load_env_file()  # .env written by `up`; real environment variables win
     try:
         return args.func(args, Settings.from_env())
     except KeyboardInterrupt:

@@ -86,3 +86,25 @@ def sentence_clips(out_dir: Path, languages: list[str] | None = None, per_langua
 
 def load(path: Path) -> np.ndarray:
     return decode_audio(path)
+
+
+def demo_clips(out_dir: Path) -> list[SynthClip]:
+    """Multilingual demo speech with deliberately hard cases, so the ranking has something to rank:
+    clean sentences in four languages, fast speech, noisy speech, and a sentence in the wrong voice."""
+    clips = sentence_clips(out_dir, list(SENTENCES), per_language=2)
+    hard = [
+        ("fast_en", SENTENCES["en"][2], "en", dict(speed=280)),
+        ("wrongvoice_de", SENTENCES["de"][0], "de", dict(voice="en")),
+        ("slow_it", SENTENCES["it"][1], "it", dict(speed=90, pitch=20)),
+    ]
+    for name, text, lang, kwargs in hard:
+        path = out_dir / f"demo_{name}.wav"
+        if not path.exists():
+            speak(text, lang, path, **kwargs)
+        clips.append(SynthClip(path, text, lang))
+    noisy = out_dir / "demo_noisy_es.wav"
+    if not noisy.exists():
+        clean = sentence_clips(out_dir, ["es"], per_language=1)[0]
+        write_wav(with_noise(load(clean.path), snr_db=0.0, seed=1), noisy)
+    clips.append(SynthClip(noisy, SENTENCES["es"][0], "es"))
+    return clips

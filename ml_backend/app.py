@@ -66,7 +66,18 @@ class PredictionService:
 
     @property
     def model_version(self) -> str:
-        return self.engine.model_version
+        """Answers without loading the model: Label Studio gives /setup 3 seconds."""
+        if self._engine is not None:
+            return self._engine.model_version
+        from .engine import expected_version
+
+        return expected_version(self.settings)
+
+    def warm_up(self) -> threading.Thread:
+        """Load the model in the background so the first /predict does not pay for it."""
+        thread = threading.Thread(target=lambda: self.engine, name="engine-warm-up", daemon=True)
+        thread.start()
+        return thread
 
     def _load(self, task: dict, key: str):
         reference = (task.get("data") or {}).get(key)
@@ -99,9 +110,11 @@ class PredictionService:
             return None
 
 
-def create_app(settings: Settings | None = None, engine=None) -> Flask:
+def create_app(settings: Settings | None = None, engine=None, *, warm_up: bool = False) -> Flask:
     settings = settings or Settings.from_env()
     service = PredictionService(settings, engine)
+    if warm_up:
+        service.warm_up()
     metrics = Metrics()
     events_file = settings.home / "webhooks" / "events.jsonl"
     app = Flask(__name__)

@@ -107,6 +107,17 @@ class _WindowResult:
     speech: bool = field(default=True)
 
 
+def version_string(resolved: ResolvedModel, quantized: bool) -> str:
+    """The model_version predictions carry: the weights' version, marked when quantized."""
+    return resolved.version + ("-int8" if quantized else "")
+
+
+def expected_version(settings: Settings) -> str:
+    """The version an engine built from ``settings`` will report, without loading the model."""
+    quantized = settings.quantize and _pick_device(settings.device).type == "cpu"
+    return version_string(resolve(settings), quantized)
+
+
 def _pick_device(setting: str) -> torch.device:
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -156,7 +167,7 @@ class WhisperEngine:
 
     @property
     def model_version(self) -> str:
-        return self.resolved.version + ("-int8" if self.quantized else "")
+        return version_string(self.resolved, self.quantized)
 
     @property
     def languages(self) -> list[str]:

@@ -5,4 +5,4 @@ import logging
 from .app import create_app
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-app = create_app()
+app = create_app(warm_up=True)

@@ -1,0 +1,257 @@
+"""Label Studio operations: projects, audio import (split at pauses), bulk pre-annotation.
+
+Bulk pre-annotation runs in this process, not through Label Studio's ``/predict``
+(100 s timeout): tasks are fetched from Label Studio, transcribed in batches through
+the engine, and pushed with ``projects.import_predictions``; then the project's
+``model_version`` and "Uncertainty sampling" are set so ``/next`` serves the least
+confident task first. Re-running skips tasks that already hold a prediction of the
+live version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from glob import glob
+from pathlib import Path
+
+import numpy as np
+import requests
+from label_studio_sdk import LabelStudio
+
+from ml_backend.audio import SAMPLE_RATE, AudioDecodeError, decode_audio, split_at_pauses
+from ml_backend.fetch import AudioFetcher, AudioFetchError
+from ml_backend.label_config import parse_label_config
+from ml_backend.predictions import to_prediction
+from ml_backend.settings import Settings
+
+log = logging.getLogger(__name__)
+
+AUDIO_SUFFIXES = {".wav", ".mp3", ".m4a", ".flac", ".ogg", ".oga", ".opus", ".aiff", ".aif", ".webm", ".mp4"}
+UNCERTAINTY_SAMPLING = "Uncertainty sampling"
+
+
+def client(settings: Settings) -> LabelStudio:
+    if not settings.label_studio_api_key:
+        raise RuntimeError("LABEL_STUDIO_API_KEY is not set (./scripts/up writes it to .env)")
+    return LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key)
+
+
+def expand_paths(patterns: list[str]) -> list[Path]:
+    """Files, folders (recursive, audio suffixes only) and globs, de-duplicated, in order."""
+    found: dict[Path, None] = {}
+    for pattern in patterns:
+        matches = [Path(p) for p in sorted(glob(pattern, recursive=True))] or [Path(pattern)]
+        for m in matches:
+            if m.is_dir():
+                for f in sorted(m.rglob("*")):
+                    if f.is_file() and f.suffix.lower() in AUDIO_SUFFIXES:
+                        found.setdefault(f.resolve(), None)
+            else:
+                found.setdefault(m.resolve() if m.exists() else m, None)
+    return list(found)
+
+
+def audio_hash(samples: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(samples, dtype=np.float32).tobytes()).hexdigest()
+
+
+def find_or_create_project(ls: LabelStudio, title: str, label_config: str) -> int:
+    for p in ls.projects.list():
+        if p.title == title:
+            return p.id
+    return ls.projects.create(title=title, label_config=label_config).id
+
+
+def ensure_local_storage(ls: LabelStudio, project: int, path: Path) -> None:
+    """Label Studio serves /data/local-files/ only below a local storage of the project; never synced."""
+    for storage in ls.import_storage.local.list(project=project):
+        if storage.path == str(path):
+            return
+    path.mkdir(parents=True, exist_ok=True)
+    ls.import_storage.local.create(project=project, path=str(path), title="loopscribe clips",
+                                   regex_filter="^$", use_blob_urls=True)
+
+
+@dataclass
+class ImportReport:
+    files: int = 0
+    tasks_created: int = 0
+    duplicates: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    task_ids: list[int] = field(default_factory=list)
+
+
+def existing_hashes(ls: LabelStudio, project: int) -> set[str]:
+    return {t.data.get("sha256") for t in ls.tasks.list(project=project, fields="all") if t.data.get("sha256")}
+
+
+def import_audio(
+    ls: LabelStudio,
+    settings: Settings,
+    project: int,
+    paths: list[Path],
+    *,
+    media_root: Path,
+    storage: str = "local",
+    progress: bool = True,
+) -> ImportReport:
+    """Decode, split at pauses into ≤30 s clips, store them where Label Studio serves them, create tasks."""
+    from tqdm import tqdm
+
+    config = parse_label_config(ls.projects.get(id=project).label_config)
+    clip_dir = media_root / f"project-{project}"
+    if storage == "local":
+        ensure_local_storage(ls, project, clip_dir)
+    seen = existing_hashes(ls, project)
+    report = ImportReport()
+    pending: list[tuple[dict, Path]] = []
+    for path in tqdm(paths, desc="importing", unit="file", disable=not progress):
+        report.files += 1
+        try:
+            audio = decode_audio(path, max_seconds=settings.max_audio_seconds)
+        except AudioDecodeError as exc:
+            report.failed[str(path)] = exc.reason
+            log.warning("skipping %s", exc)
+            continue
+        source_hash = audio_hash(audio)
+        for index, (start, end) in enumerate(split_at_pauses(audio)):
+            clip = audio[start:end]
+            digest = audio_hash(clip)
+            if digest in seen:
+                report.duplicates += 1
+                continue
+            seen.add(digest)
+            clip_path = clip_dir / f"{digest[:16]}-{Path(path).stem[:60]}-{index:03d}.wav"
+            _write_wav(clip, clip_path)
+            data = {
+                "source_file": str(path), "source_sha256": source_hash, "source_offset": round(start / SAMPLE_RATE, 3),
+                "source_duration": round(audio.size / SAMPLE_RATE, 3), "segment_index": index,
+                "duration": round(clip.size / SAMPLE_RATE, 3), "sha256": digest,
+            }
+            pending.append((data, clip_path))
+    for batch_start in range(0, len(pending), 100):
+        batch = pending[batch_start : batch_start + 100]
+        if storage == "local":
+            tasks = [{"data": d | {config.audio_key: f"/data/local-files/?d={p.relative_to(media_root)}"}}
+                     for d, p in batch]
+            response = ls.projects.import_tasks(id=project, request=tasks, return_task_ids=True)
+            ids = list(response.task_ids or [])
+        else:
+            ids = _upload(settings, ls, project, batch, config.audio_key)
+        report.task_ids += ids
+        report.tasks_created += len(ids)
+    return report
+
+
+def _upload(settings: Settings, ls: LabelStudio, project: int, batch: list[tuple[dict, Path]], key: str) -> list[int]:
+    """Multipart upload (one distinct field per file, FACTS.md), then our metadata is added to each task."""
+    auth = AudioFetcher(settings).auth
+    ids = []
+    for data, path in batch:  # one file per request: the response maps it to its task id unambiguously
+        with open(path, "rb") as f:
+            r = requests.post(f"{settings.label_studio_url}/api/projects/{project}/import",
+                              headers=auth.header(), files={"file0": (path.name, f, "audio/wav")}, timeout=120)
+        r.raise_for_status()
+        task_id = r.json()["file_upload_ids"] and _newest_task(ls, project)
+        task = ls.tasks.get(id=task_id)
+        ls.tasks.update(id=task_id, data=dict(task.data) | data)
+        ids.append(task_id)
+        path.unlink(missing_ok=True)  # Label Studio holds the uploaded copy
+    return ids
+
+
+def _newest_task(ls: LabelStudio, project: int) -> int:
+    return max(t.id for t in ls.tasks.list(project=project, fields="task_only"))
+
+
+def _write_wav(samples: np.ndarray, path: Path) -> None:
+    import soundfile as sf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".part")
+    sf.write(tmp, samples, SAMPLE_RATE, subtype="PCM_16", format="WAV")
+    os.replace(tmp, path)
+
+
+@dataclass
+class PredictReport:
+    predicted: int = 0
+    skipped: int = 0
+    failed: dict[int, str] = field(default_factory=dict)
+    audio_seconds: float = 0.0
+
+
+def predict_project(
+    ls: LabelStudio,
+    settings: Settings,
+    project: int,
+    engine,
+    *,
+    only_missing: bool = True,
+    batch_tasks: int = 16,
+    progress: bool = True,
+) -> PredictReport:
+    """Bulk pre-annotation with the live model; sets model_version and uncertainty sampling at the end."""
+    from tqdm import tqdm
+
+    version = engine.model_version
+    config = parse_label_config(ls.projects.get(id=project).label_config)
+    fetcher = AudioFetcher(settings)
+    report = PredictReport()
+    todo = []
+    for task in ls.tasks.list(project=project, fields="all"):
+        if only_missing and any(p.model_version == version for p in (task.predictions or [])):
+            report.skipped += 1
+        else:
+            todo.append(task)
+    with tqdm(total=len(todo), desc="pre-annotating", unit="task", disable=not progress) as bar:
+        for start in range(0, len(todo), batch_tasks):
+            batch = todo[start : start + batch_tasks]
+            clips, ids = [], []
+            for task in batch:
+                try:
+                    ref = task.data.get(config.audio_key)
+                    if not isinstance(ref, str):
+                        raise AudioFetchError(f"task {task.id}", f"no {config.audio_key!r} in task data")
+                    clips.append(decode_audio(fetcher.fetch(ref, task.id), max_seconds=settings.max_audio_seconds,
+                                              name=ref))
+                    ids.append(task.id)
+                except (AudioFetchError, AudioDecodeError) as exc:
+                    report.failed[task.id] = exc.reason
+                    log.warning("task %s: no prediction: %s", task.id, exc)
+            if clips:
+                transcripts = engine.transcribe(clips)
+                predictions = [to_prediction(t, config) | {"task": i} for i, t in zip(ids, transcripts)]
+                ls.projects.import_predictions(id=project, request=predictions)
+                report.predicted += len(predictions)
+                report.audio_seconds += sum(c.size for c in clips) / SAMPLE_RATE
+            bar.update(len(batch))
+    if report.predicted or report.skipped:
+        ls.projects.update(id=project, model_version=version, sampling=UNCERTAINTY_SAMPLING)
+    return report
+
+
+def connect_backend(ls: LabelStudio, project: int, settings: Settings, title: str = "Loopscribe Whisper") -> int:
+    """Connect the ML backend (basic auth when configured) and put the webhook secret on its webhook.
+
+    Label Studio calls /health and /setup on connect and auto-registers ``<url>/webhook``
+    for all actions, without any auth header: the secret header is added here.
+    """
+    url = settings.backend_url
+    backend = next((b for b in ls.ml.list(project=project) if b.url.rstrip("/") == url), None)
+    if backend is None:
+        auth = {}
+        if settings.basic_auth_user and settings.basic_auth_pass:
+            auth = {"auth_method": "BASIC_AUTH", "basic_auth_user": settings.basic_auth_user,
+                    "basic_auth_pass": settings.basic_auth_pass}
+        backend = ls.ml.create(project=project, url=url, title=title, is_interactive=False, **auth)
+    if settings.webhook_secret:
+        from ml_backend.app import WEBHOOK_SECRET_HEADER
+
+        for hook in ls.webhooks.list(project=project):
+            if hook.url.rstrip("/") == f"{url}/webhook":
+                ls.webhooks.update(id=hook.id, headers={WEBHOOK_SECRET_HEADER: settings.webhook_secret})
+    return backend.id
