@@ -1,0 +1,166 @@
+"""Integration: a real Label Studio 1.23.2 (own venv, SQLite, loopback) and the real backend under gunicorn.
+
+Nothing is mocked: audio is imported through the CLI code path, predictions come from
+the bundled Whisper base, Label Studio calls the backend for "Retrieve predictions" and
+sends its webhooks to it.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import requests
+
+from loopscribe import labelstudio, stack
+from loopscribe.synth import SENTENCES, demo_clips, speak
+
+pytestmark = pytest.mark.slow
+CONFIG = (Path(__file__).resolve().parents[1] / "label_config.xml").read_text()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live(settings, engine, tmp_path_factory):
+    """Label Studio + backend on free loopback ports in a scratch home sharing the installed models."""
+    home = tmp_path_factory.mktemp("stack")
+    (home / "models").symlink_to(settings.models_dir)
+    env_file = home / ".env"
+    env_file.write_text(f"LABEL_STUDIO_URL=http://127.0.0.1:{free_port()}\nBACKEND_URL=http://127.0.0.1:{free_port()}\n")
+    values = stack.ensure_env_file(env_file)
+    s = replace(settings, home=home, label_studio_url=values["LABEL_STUDIO_URL"],
+                label_studio_api_key=values["LABEL_STUDIO_API_KEY"], backend_url=values["BACKEND_URL"],
+                basic_auth_user=values["BASIC_AUTH_USER"], basic_auth_pass=values["BASIC_AUTH_PASS"],
+                webhook_secret=values["WEBHOOK_SECRET"])
+    paths = stack.StackPaths(home)
+    try:
+        stack.start_label_studio(values, paths)
+        stack.start_backend(values, s, paths)
+        yield s, paths, env_file
+    finally:
+        stack.stop(paths)
+
+
+@pytest.fixture(scope="module")
+def ls(live):
+    return labelstudio.client(live[0])
+
+
+def api(live, path: str, **kwargs) -> requests.Response:
+    s = live[0]
+    return requests.get(f"{s.label_studio_url}{path}", headers={"Authorization": f"Token {s.label_studio_api_key}"},
+                        timeout=30, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def ranked_project(live, ls, engine, shared_audio):
+    """≥6 clips of varying difficulty, imported and pre-annotated in bulk."""
+    s, paths, _ = live
+    project = labelstudio.find_or_create_project(ls, "ranking", CONFIG)
+    clips = [c.path for c in demo_clips(s.home / "demo")][:8]
+    clips += [shared_audio / n for n in ("jfk_en.flac", "comfyui_en.mp3", "dictee_fr.aiff")]
+    report = labelstudio.import_audio(ls, s, project, clips, media_root=paths.media, progress=False)
+    assert report.tasks_created == len(clips) and not report.failed
+    predicted = labelstudio.predict_project(ls, s, project, engine, progress=False)
+    assert predicted.predicted == len(clips) and not predicted.failed
+    labelstudio.connect_backend(ls, project, s)
+    return project
+
+
+def test_next_serves_least_confident_first(live, ls, ranked_project, engine):
+    project = ls.projects.get(id=ranked_project)
+    assert project.model_version == engine.model_version and project.sampling == labelstudio.UNCERTAINTY_SAMPLING
+    tasks = list(ls.tasks.list(project=ranked_project, fields="all"))
+    assert len(tasks) >= 6
+    assert all(p.model_version == project.model_version for t in tasks for p in t.predictions)
+    served = []
+    for _ in range(len(tasks)):
+        task = api(live, f"/api/projects/{ranked_project}/next").json()
+        assert task["predictions"], task
+        served.append(task["predictions"][0]["score"])
+        # the annotator accepts the prediction: the next /next moves on
+        ls.annotations.create(id=task["id"], result=task["predictions"][0]["result"], was_cancelled=False)
+    assert served == sorted(served), served
+    assert len(set(served)) > 3  # the clips really differ in confidence
+
+
+def test_webhooks_from_label_studio_reach_the_backend_with_the_secret(live):
+    """Runs after the ranking test, whose annotations fire ANNOTATION_CREATED."""
+    events_file = live[0].home / "webhooks" / "events.jsonl"
+    assert events_file.exists(), "Label Studio's ANNOTATION_CREATED webhooks were refused or never sent"
+    actions = [json.loads(line)["event"]["action"] for line in events_file.read_text().splitlines()]
+    assert "ANNOTATION_CREATED" in actions
+
+
+def test_retrieve_predictions_action_fetches_upload_and_local_files(live, ls, engine, shared_audio, espeak_dir):
+    s, paths, _ = live
+    project = labelstudio.find_or_create_project(ls, "retrieve", CONFIG)
+    local = labelstudio.import_audio(ls, s, project, [shared_audio / "dictee_fr.aiff"], media_root=paths.media,
+                                     progress=False)
+    espeak = speak(SENTENCES["de"][0], "de", espeak_dir / "retrieve_de.wav")
+    upload = labelstudio.import_audio(ls, s, project, [espeak], media_root=paths.media, storage="upload",
+                                      progress=False)
+    # two bad tasks: a corrupt file Label Studio serves, and an upload path that 404s
+    corrupt = paths.media / f"project-{project}" / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEgarbage" * 20)
+    bad = ls.projects.import_tasks(id=project, return_task_ids=True, request=[
+        {"data": {"audio": f"/data/local-files/?d={corrupt.relative_to(paths.media)}"}},
+        {"data": {"audio": f"/data/upload/{project}/no-such-file.wav"}},
+    ]).task_ids
+    labelstudio.connect_backend(ls, project, s)
+    ls.actions.create(id="retrieve_tasks_predictions", project=project, selected_items={"all": True, "excluded": []})
+    tasks = {t.id: t for t in ls.tasks.list(project=project, fields="all")}
+    good = local.task_ids + upload.task_ids
+    assert tasks[upload.task_ids[0]].data["audio"].startswith("/data/upload/")
+    assert tasks[local.task_ids[0]].data["audio"].startswith("/data/local-files/")
+    for task_id in good:
+        predictions = tasks[task_id].predictions
+        assert predictions and predictions[0].model_version == engine.model_version, task_id
+        texts = [r for r in predictions[0].result if r["type"] == "textarea"]
+        assert texts and texts[0]["value"]["text"][0]
+    assert {r["value"]["choices"][0] for t in good for r in tasks[t].predictions[0].result if r["type"] == "choices"} \
+        == {"fr", "de"}
+    for task_id in bad:
+        assert all(not p.result for p in tasks[task_id].predictions), task_id
+
+
+def test_reimport_is_resumable_and_skips_duplicates(live, ls, ranked_project, shared_audio):
+    s, paths, _ = live
+    again = labelstudio.import_audio(ls, s, ranked_project, [shared_audio / "jfk_en.flac"], media_root=paths.media,
+                                     progress=False)
+    assert again.tasks_created == 0 and again.duplicates == 1
+
+
+def test_long_recording_is_split_with_source_offsets(live, ls, shared_audio):
+    s, paths, _ = live
+    project = labelstudio.find_or_create_project(ls, "split", CONFIG)
+    report = labelstudio.import_audio(ls, s, project, [shared_audio / "mit_license_en_de.mp3"], media_root=paths.media,
+                                      progress=False)
+    tasks = sorted(ls.tasks.list(project=project, fields="all"), key=lambda t: t.data["source_offset"])
+    assert report.tasks_created == len(tasks) >= 2
+    assert tasks[0].data["source_offset"] == 0 and all(t.data["duration"] <= 30 for t in tasks)
+    for a, b in zip(tasks, tasks[1:]):
+        assert abs(a.data["source_offset"] + a.data["duration"] - b.data["source_offset"]) < 0.01
+
+
+def test_status_json(live, ranked_project):
+    s, _, env_file = live
+    env = {"LOOPSCRIBE_ENV_FILE": str(env_file), "LOOPSCRIBE_HOME": str(s.home), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-m", "loopscribe.cli", "status", "--json"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    status = json.loads(proc.stdout)
+    assert {"label_studio_url", "backend_url", "live_model_version", "queue", "projects"} <= set(status)
+    ranking = next(p for p in status["projects"] if p["id"] == ranked_project)
+    assert ranking["tasks"] >= 6 and ranking["model_version"] == status["live_model_version"]
+    assert s.label_studio_api_key not in proc.stdout + proc.stderr
