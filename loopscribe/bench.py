@@ -96,7 +96,6 @@ def bench_engine(args: argparse.Namespace, settings: Settings) -> int:
                 model_rows.append(BenchRow(f"{resolved.name} loopscribe {label}", batch, total, wall,
                                            _error_rate(clips, texts)))
                 print(_fmt(model_rows[-1], None), flush=True)
-                del engine
 
         if Path(ct2_path, "model.bin").is_file():
             from faster_whisper import WhisperModel
@@ -112,7 +111,6 @@ def bench_engine(args: argparse.Namespace, settings: Settings) -> int:
                 model_rows.append(BenchRow(f"{resolved.name} faster-whisper {compute_type}", 1, total, wall,
                                            _error_rate(clips, texts)))
                 print(_fmt(model_rows[-1], None), flush=True)
-                del fw
         rows += model_rows
         peer = next((r for r in model_rows if "faster-whisper" in r.engine), None)
         print(f"\n{'engine':48s} {'batch':>5s} {'audio s/wall s':>14s} {'vs fw':>7s} {'error':>6s}")
@@ -127,3 +125,70 @@ def bench_engine(args: argparse.Namespace, settings: Settings) -> int:
 def _fmt(row: BenchRow, peer: BenchRow | None) -> str:
     ratio = f"{row.speed / peer.speed:6.2f}x" if peer else "      -"
     return f"{row.engine:48s} {row.batch_size:5d} {row.speed:14.2f} {ratio:>7s} {row.error_rate:6.3f}"
+
+
+def bench_backend(args: argparse.Namespace, settings: Settings) -> int:
+    """/predict latency (10-task batches of ≤10 s clips) and bulk pre-annotation vs raw engine throughput.
+
+    Needs the running stack (``loopscribe up``). Every repetition uses different audio
+    (inaudible noise at 40 dB SNR, another seed), so the content-hash cache never answers.
+    """
+    import requests
+
+    from ml_backend.engine import WhisperEngine
+
+    from . import labelstudio, stack
+    from .synth import SENTENCES, load, sentence_clips, with_noise, write_wav
+
+    ls = labelstudio.client(settings)
+    media = stack.StackPaths(settings.home).media
+    base = [c for c in sentence_clips(settings.home / "cache" / "espeak", list(SENTENCES), per_language=2)]
+    base = (base * 2)[: args.tasks]
+    out = settings.home / "cache" / "bench-backend"
+    paths = []
+    for rep in range(args.repeats):
+        for i, clip in enumerate(base):
+            path = out / f"rep{rep:02d}_{i:02d}.wav"
+            if not path.exists():
+                write_wav(with_noise(load(clip.path), snr_db=40.0, seed=rep * 100 + i), path)
+            paths.append(path)
+    label_config = (Path(__file__).resolve().parents[1] / "label_config.xml").read_text()
+    project = ls.projects.create(title=f"bench {time.strftime('%Y%m%d-%H%M%S')}", label_config=label_config).id
+    try:
+        report = labelstudio.import_audio(ls, settings, project, paths, media_root=media, progress=False)
+        tasks = sorted(ls.tasks.list(project=project, fields="all"), key=lambda t: t.data["source_file"])
+        by_rep = [tasks[r * args.tasks : (r + 1) * args.tasks] for r in range(args.repeats)]
+        auth = (settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None
+        latencies = []
+        for rep_tasks in by_rep:
+            body = {"tasks": [t.model_dump(mode="json") for t in rep_tasks], "label_config": label_config}
+            start = time.perf_counter()
+            r = requests.post(f"{settings.backend_url}/predict", json=body, auth=auth, timeout=600)
+            latencies.append(time.perf_counter() - start)
+            r.raise_for_status()
+            assert all(item["result"] for item in r.json()["results"]), "a bench task got no prediction"
+        audio_per_batch = sum(float(t.data["duration"]) for t in by_rep[0])
+        lat = np.array(latencies)
+        print(f"/predict, {args.tasks} tasks of ≤10 s ({audio_per_batch:.1f} s audio) per request, "
+              f"{args.repeats} requests: p50 {np.percentile(lat, 50):.2f} s, p95 {np.percentile(lat, 95):.2f} s, "
+              f"max {lat.max():.2f} s")
+
+        engine = WhisperEngine(settings)
+        engine.transcribe([load(paths[0])])  # warm-up
+        engine.clear_cache()
+        start = time.perf_counter()
+        bulk = labelstudio.predict_project(ls, settings, project, engine, only_missing=False, progress=False)
+        bulk_wall = time.perf_counter() - start
+        engine.clear_cache()
+        clips = [load(p) for p in paths]
+        start = time.perf_counter()
+        engine.transcribe(clips)
+        raw_wall = time.perf_counter() - start
+        audio = sum(c.size for c in clips) / 16000
+        print(f"bulk pre-annotation: {bulk.predicted} tasks, {audio:.0f} s audio: {audio / bulk_wall:.2f} audio s/s; "
+              f"raw engine on the same clips: {audio / raw_wall:.2f} audio s/s; ratio {raw_wall / bulk_wall:.2f}")
+        assert report.tasks_created == len(paths)
+    finally:
+        if not args.keep:
+            ls.projects.delete(id=project)
+    return 0
