@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -130,8 +131,8 @@ def _fmt(row: BenchRow, peer: BenchRow | None) -> str:
 def bench_backend(args: argparse.Namespace, settings: Settings) -> int:
     """/predict latency (10-task batches of ≤10 s clips) and bulk pre-annotation vs raw engine throughput.
 
-    Needs the running stack (``loopscribe up``). Every repetition uses different audio
-    (inaudible noise at 40 dB SNR, another seed), so the content-hash cache never answers.
+    Needs the running stack (``loopscribe up``). Every repetition of every run uses
+    different audio (inaudible noise at 40 dB SNR, a fresh seed), so no cache answers.
     """
     import requests
 
@@ -144,13 +145,14 @@ def bench_backend(args: argparse.Namespace, settings: Settings) -> int:
     media = stack.StackPaths(settings.home).media
     base = [c for c in sentence_clips(settings.home / "cache" / "espeak", list(SENTENCES), per_language=2)]
     base = (base * 2)[: args.tasks]
-    out = settings.home / "cache" / "bench-backend"
+    # Fresh audio on every run: a running backend keeps earlier runs' clips in its cache.
+    run_seed = int(time.time())
+    out = media / f"bench-{run_seed}"
     paths = []
     for rep in range(args.repeats):
         for i, clip in enumerate(base):
             path = out / f"rep{rep:02d}_{i:02d}.wav"
-            if not path.exists():
-                write_wav(with_noise(load(clip.path), snr_db=40.0, seed=rep * 100 + i), path)
+            write_wav(with_noise(load(clip.path), snr_db=40.0, seed=run_seed + rep * 100 + i), path)
             paths.append(path)
     label_config = (Path(__file__).resolve().parents[1] / "label_config.xml").read_text()
     project = ls.projects.create(title=f"bench {time.strftime('%Y%m%d-%H%M%S')}", label_config=label_config).id
@@ -191,4 +193,5 @@ def bench_backend(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         if not args.keep:
             ls.projects.delete(id=project)
+            shutil.rmtree(out, ignore_errors=True)
     return 0

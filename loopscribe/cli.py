@@ -133,6 +133,8 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     stack.start_label_studio(values, paths)
     print("starting the ML backend …", file=sys.stderr)
     stack.start_backend(values, settings, paths)
+    print("starting the worker …", file=sys.stderr)
+    stack.start_worker(values, settings, paths)
     ls = labelstudio.client(settings)
     project = labelstudio.find_or_create_project(ls, DEMO_PROJECT, LABEL_CONFIG.read_text())
     demo = [c.path for c in demo_clips(settings.home / "demo")] + [c.path for c in shared_clips()]
@@ -144,10 +146,11 @@ Loopscribe is up.
   Label Studio:  {url}/projects/{project}/data
   login:         {values["LABEL_STUDIO_USERNAME"]} / {values["LABEL_STUDIO_PASSWORD"]}
   ML backend:    {settings.backend_url} (connected to project {project}, basic auth, webhook secret)
+  worker:        job queue {settings.home / "queue.db"} (loopscribe predict --project N --queue)
   model:         {ls.projects.get(id=project).model_version}, uncertainty sampling on
   least certain: curl -s -H "Authorization: Token $LABEL_STUDIO_API_KEY" {url}/api/projects/{project}/next
   settings:      {stack.ENV_FILE} (API key, secrets)    stop: loopscribe down
-  not yet:       the retraining worker (next on the roadmap)""")
+  not yet:       retraining jobs (corrections ledger, LoRA, WER gate) are next on the roadmap""")
     return 0
 
 
@@ -162,15 +165,15 @@ def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from ml_backend.model_store import resolve
 
-    from . import labelstudio, stack
+    from . import jobs, labelstudio, stack
 
     paths = stack.StackPaths(settings.home)
     status: dict = {
         "label_studio_url": settings.label_studio_url,
         "backend_url": settings.backend_url,
         "live_model_version": resolve(settings).version,
-        "processes": {n: stack.running_pid(paths, n) for n in ("label-studio", "ml-backend")},
-        "queue": None,  # the job queue and worker arrive with the retraining issue
+        "processes": {n: stack.running_pid(paths, n) for n in stack.SERVICES},
+        "queue": jobs.queue_status(settings),
         "projects": [],
     }
     try:
@@ -180,7 +183,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(json.dumps(status, indent=None))
     else:
-        for key in ("label_studio_url", "backend_url", "live_model_version"):
+        for key in ("label_studio_url", "backend_url", "live_model_version", "queue"):
             print(f"{key:20s} {status[key]}")
         for name, pid in status["processes"].items():
             print(f"{name:20s} {'running (pid %d)' % pid if pid else 'stopped'}")
@@ -202,8 +205,12 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
     from ml_backend.engine import WhisperEngine
 
-    from . import labelstudio
+    from . import jobs, labelstudio
 
+    if args.queue:
+        job = jobs.enqueue_prediction(settings, args.project, only_missing=not args.all)
+        print(f"queued pre-annotation of project {args.project} as job {job.id} (the worker runs it)")
+        return 0
     engine = WhisperEngine(settings, install_missing=True)
     report = labelstudio.predict_project(labelstudio.client(settings), settings, args.project, engine,
                                          only_missing=not args.all, progress=not args.quiet)
@@ -282,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--all", action="store_true", help="re-predict every task")
     group.add_argument("--missing", action="store_true", help="only tasks without a live-version prediction (default)")
+    p.add_argument("--queue", action="store_true", help="hand the job to the worker instead of running it here")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_predict)
     return parser

@@ -191,10 +191,16 @@ def predict_project(
     engine,
     *,
     only_missing: bool = True,
-    batch_tasks: int = 16,
+    batch_tasks: int = 64,
     progress: bool = True,
 ) -> PredictReport:
-    """Bulk pre-annotation with the live model; sets model_version and uncertainty sampling at the end."""
+    """Bulk pre-annotation with the live model; sets model_version and uncertainty sampling at the end.
+
+    Audio of the next batch is fetched and decoded in background threads while the
+    engine decodes the current one, so Label Studio round trips cost little wall time.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
     version = engine.model_version
@@ -207,21 +213,28 @@ def predict_project(
             report.skipped += 1
         else:
             todo.append(task)
-    with tqdm(total=len(todo), desc="pre-annotating", unit="task", disable=not progress) as bar:
-        for start in range(0, len(todo), batch_tasks):
-            batch = todo[start : start + batch_tasks]
-            clips, ids = [], []
-            for task in batch:
-                try:
-                    ref = task.data.get(config.audio_key)
-                    if not isinstance(ref, str):
-                        raise AudioFetchError(f"task {task.id}", f"no {config.audio_key!r} in task data")
-                    clips.append(decode_audio(fetcher.fetch(ref, task.id), max_seconds=settings.max_audio_seconds,
-                                              name=ref))
-                    ids.append(task.id)
-                except (AudioFetchError, AudioDecodeError) as exc:
-                    report.failed[task.id] = exc.reason
-                    log.warning("task %s: no prediction: %s", task.id, exc)
+
+    def load(task) -> np.ndarray | str:
+        try:
+            ref = task.data.get(config.audio_key)
+            if not isinstance(ref, str):
+                raise AudioFetchError(f"task {task.id}", f"no {config.audio_key!r} in task data")
+            return decode_audio(fetcher.fetch(ref, task.id), max_seconds=settings.max_audio_seconds, name=ref)
+        except (AudioFetchError, AudioDecodeError) as exc:
+            log.warning("task %s: no prediction: %s", task.id, exc)
+            return exc.reason
+
+    batches = [todo[i : i + batch_tasks] for i in range(0, len(todo), batch_tasks)]
+    with ThreadPoolExecutor(4) as pool, tqdm(total=len(todo), desc="pre-annotating", unit="task",
+                                             disable=not progress) as bar:
+        upcoming = [pool.map(load, b) for b in batches[:1]]
+        for n, batch in enumerate(batches):
+            loaded = list(upcoming.pop(0))
+            if n + 1 < len(batches):
+                upcoming.append(pool.map(load, batches[n + 1]))  # prefetch while this batch decodes
+            ids = [t.id for t, a in zip(batch, loaded) if not isinstance(a, str)]
+            clips = [a for a in loaded if not isinstance(a, str)]
+            report.failed.update({t.id: a for t, a in zip(batch, loaded) if isinstance(a, str)})
             if clips:
                 transcripts = engine.transcribe(clips)
                 predictions = [to_prediction(t, config) | {"task": i} for i, t in zip(ids, transcripts)]

@@ -184,7 +184,24 @@ def start_backend(values: dict[str, str], settings: Settings, paths: StackPaths,
     return pid
 
 
-def stop(paths: StackPaths, names: tuple[str, ...] = ("ml-backend", "label-studio")) -> list[str]:
+def start_worker(values: dict[str, str], settings: Settings, paths: StackPaths) -> int:
+    """The job worker: huey's consumer over ``loopscribe.jobs.huey`` (one worker thread: one model)."""
+    pid = running_pid(paths, "worker")
+    if pid is None:
+        cmd = [sys.executable, "-m", "huey.bin.huey_consumer", "loopscribe.jobs.huey", "--workers", "1",
+               "--worker-type", "thread", "--logfile", str(paths.log_file("worker"))]
+        pid = _spawn(paths, "worker", cmd, backend_environment(values, settings))
+        time.sleep(2)
+        if not _alive(pid):
+            tail = paths.log_file("worker").read_text(errors="replace")[-3000:] if paths.log_file("worker").exists() else ""
+            raise RuntimeError(f"the worker exited during start-up; log tail:\n{tail}")
+    return pid
+
+
+SERVICES = ("worker", "ml-backend", "label-studio")
+
+
+def stop(paths: StackPaths, names: tuple[str, ...] = SERVICES) -> list[str]:
     """Stop what ``up`` started (by pid, whole process group); returns the names stopped."""
     stopped = []
     for name in names:

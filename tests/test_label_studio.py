@@ -46,6 +46,7 @@ def live(settings, engine, tmp_path_factory):
     try:
         stack.start_label_studio(values, paths)
         stack.start_backend(values, s, paths)
+        stack.start_worker(values, s, paths)
         yield s, paths, env_file
     finally:
         stack.stop(paths)
@@ -164,3 +165,20 @@ def test_status_json(live, ranked_project):
     ranking = next(p for p in status["projects"] if p["id"] == ranked_project)
     assert ranking["tasks"] >= 6 and ranking["model_version"] == status["live_model_version"]
     assert s.label_studio_api_key not in proc.stdout + proc.stderr
+
+
+def test_worker_runs_queued_pre_annotation(live, ls, engine, shared_audio):
+    from loopscribe import jobs
+
+    s, paths, _ = live
+    assert stack.running_pid(paths, "worker")
+    project = labelstudio.find_or_create_project(ls, "queued", CONFIG)
+    report = labelstudio.import_audio(ls, s, project, [shared_audio / "one_two_three_en.wav"], media_root=paths.media,
+                                      progress=False)
+    job = jobs.enqueue_prediction(s, project)
+    result = job.get(blocking=True, timeout=300)
+    assert result["predicted"] == 1 and not result["failed"]
+    task = ls.tasks.get(id=report.task_ids[0])
+    assert task.predictions and task.predictions[0].model_version == engine.model_version
+    assert ls.projects.get(id=project).model_version == engine.model_version
+    assert jobs.queue_status(s)["pending"] == 0
