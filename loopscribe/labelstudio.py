@@ -155,7 +155,9 @@ def _upload(settings: Settings, ls: LabelStudio, project: int, batch: list[tuple
             r = requests.post(f"{settings.label_studio_url}/api/projects/{project}/import",
                               headers=auth.header(), files={"file0": (path.name, f, "audio/wav")}, timeout=120)
         r.raise_for_status()
-        task_id = r.json()["file_upload_ids"] and _newest_task(ls, project)
+        # The import response names the upload, not the task: the task it created is the project's newest
+        # (imports into one project are expected to run one at a time).
+        task_id = _newest_task(ls, project)
         task = ls.tasks.get(id=task_id)
         ls.tasks.update(id=task_id, data=dict(task.data) | data)
         ids.append(task_id)
