@@ -10,7 +10,6 @@ live version.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -21,8 +20,8 @@ import numpy as np
 import requests
 from label_studio_sdk import LabelStudio
 
-from ml_backend.audio import SAMPLE_RATE, AudioDecodeError, decode_audio, split_at_pauses
-from ml_backend.fetch import AudioFetcher, AudioFetchError
+from ml_backend.audio import SAMPLE_RATE, AudioDecodeError, content_hash, decode_audio, split_at_pauses
+from ml_backend.fetch import AudioFetcher, AudioFetchError, load_task_audio
 from ml_backend.label_config import parse_label_config
 from ml_backend.predictions import to_prediction
 from ml_backend.settings import Settings
@@ -52,10 +51,6 @@ def expand_paths(patterns: list[str]) -> list[Path]:
             else:
                 found.setdefault(m.resolve() if m.exists() else m, None)
     return list(found)
-
-
-def audio_hash(samples: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(samples, dtype=np.float32).tobytes()).hexdigest()
 
 
 def find_or_create_project(ls: LabelStudio, title: str, label_config: str) -> int:
@@ -116,10 +111,10 @@ def import_audio(
             report.failed[str(path)] = exc.reason
             log.warning("skipping %s", exc)
             continue
-        source_hash = audio_hash(audio)
+        source_hash = content_hash(audio)
         for index, (start, end) in enumerate(split_at_pauses(audio)):
             clip = audio[start:end]
-            digest = audio_hash(clip)
+            digest = content_hash(clip)
             if digest in seen:
                 report.duplicates += 1
                 continue
@@ -218,10 +213,7 @@ def predict_project(
 
     def load(task) -> np.ndarray | str:
         try:
-            ref = task.data.get(config.audio_key)
-            if not isinstance(ref, str):
-                raise AudioFetchError(f"task {task.id}", f"no {config.audio_key!r} in task data")
-            return decode_audio(fetcher.fetch(ref, task.id), max_seconds=settings.max_audio_seconds, name=ref)
+            return load_task_audio(fetcher, task.id, task.data, config.audio_key)
         except (AudioFetchError, AudioDecodeError) as exc:
             log.warning("task %s: no prediction: %s", task.id, exc)
             return exc.reason

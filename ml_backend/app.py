@@ -19,8 +19,8 @@ from flask import Flask, Response, jsonify, request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from .audio import AudioDecodeError, decode_audio, duration
-from .fetch import AudioFetcher, AudioFetchError
+from .audio import AudioDecodeError, duration
+from .fetch import AudioFetcher, AudioFetchError, load_task_audio
 from .label_config import LabelConfigError, parse_label_config
 from .predictions import to_prediction
 from .settings import Settings
@@ -78,13 +78,6 @@ class PredictionService:
         thread.start()
         return thread
 
-    def _load(self, task: dict, key: str):
-        reference = (task.get("data") or {}).get(key)
-        if not isinstance(reference, str) or not reference:
-            raise AudioFetchError(f"task {task.get('id')}", f"task data has no {key!r} audio reference")
-        data = self.fetcher.fetch(reference, task.get("id"))
-        return decode_audio(data, max_seconds=self.settings.max_audio_seconds, name=reference)
-
     def predict(self, tasks: list[dict], label_config: str, metrics: Metrics | None = None) -> list[dict]:
         config = parse_label_config(label_config)
         with ThreadPoolExecutor(FETCH_THREADS) as pool:
@@ -103,7 +96,7 @@ class PredictionService:
 
     def _try_load(self, task: dict, key: str):
         try:
-            return self._load(task, key)
+            return load_task_audio(self.fetcher, task.get("id"), task.get("data") or {}, key)
         except (AudioFetchError, AudioDecodeError) as exc:
             log.warning("task %s: no prediction: %s", task.get("id"), exc)
             return None

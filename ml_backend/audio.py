@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 from pathlib import Path
@@ -72,6 +73,11 @@ def decode_audio(
     if not np.isfinite(audio).all():
         raise AudioDecodeError(label, "decoded samples are not finite")
     return audio.copy()  # writable, owned
+
+
+def content_hash(audio: np.ndarray) -> str:
+    """SHA-256 of the decoded samples: identical audio in any container hashes the same."""
+    return hashlib.sha256(np.ascontiguousarray(audio, dtype=np.float32).tobytes()).hexdigest()
 
 
 def duration(audio: np.ndarray) -> float:

@@ -10,7 +10,6 @@ decoded once per model version and options (content-hash cache).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from collections import OrderedDict
@@ -252,8 +251,7 @@ class WhisperEngine:
     # ---- internals ----------------------------------------------------------------------------
 
     def _cache_key(self, clip: np.ndarray, options: TranscribeOptions) -> tuple:
-        digest = hashlib.sha256(np.ascontiguousarray(clip, dtype=np.float32).tobytes()).hexdigest()
-        return (digest, self.model_version, options)
+        return (audio_lib.content_hash(clip), self.model_version, options)
 
     def _features(self, windows: list[_Window]) -> torch.Tensor:
         feats = self.feature_extractor(

@@ -122,3 +122,17 @@ class AudioFetcher:
                 raise AudioFetchError(reference, f"larger than MAX_AUDIO_BYTES ({limit})")
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+def load_task_audio(fetcher: AudioFetcher, task_id: int | None, data: dict, key: str):
+    """The 16 kHz clip of one task: its ``data[key]`` reference fetched and decoded within the limits.
+
+    Raises :class:`AudioFetchError` or :class:`~ml_backend.audio.AudioDecodeError` naming the task's audio.
+    """
+    from .audio import decode_audio
+
+    reference = (data or {}).get(key)
+    if not isinstance(reference, str) or not reference:
+        raise AudioFetchError(f"task {task_id}", f"task data has no {key!r} audio reference")
+    raw = fetcher.fetch(reference, task_id)
+    return decode_audio(raw, max_seconds=fetcher.settings.max_audio_seconds, name=reference)
