@@ -195,3 +195,65 @@ def bench_backend(args: argparse.Namespace, settings: Settings) -> int:
             ls.projects.delete(id=project)
             shutil.rmtree(out, ignore_errors=True)
     return 0
+
+
+def bench_retrain(args: argparse.Namespace, settings: Settings) -> int:
+    """Time from a queued training job to a promoted (or rejected) model, for N corrections.
+
+    Needs the running stack (``loopscribe up``): a scratch project gets N + 20 made-up-vocabulary
+    clips, N of them are annotated with the true transcript through Label Studio's API, and
+    one training job is queued; the worker runs it. Stage times come from the ledger. By
+    default the previous live version is restored and the project deleted afterwards.
+    """
+    from ml_backend.engine import WhisperEngine
+    from ml_backend.ledger import Ledger
+    from ml_backend.model_store import resolve, resolve_base
+    from ml_backend.registry import Registry
+
+    from . import jobs, labelstudio, stack
+    from .synth import vocabulary_clips
+
+    ls = labelstudio.client(settings)
+    live_before = resolve(settings).version
+    clips = vocabulary_clips(settings.home / "cache" / "vocab", args.corrections + 20)
+    truth = {c.path.name: c.text for c in clips}
+    label_config = (Path(__file__).resolve().parents[1] / "label_config.xml").read_text()
+    project = ls.projects.create(title=f"bench retrain {time.strftime('%Y%m%d-%H%M%S')}",
+                                 label_config=label_config).id
+    ledger = Ledger(settings.ledger_path)
+    try:
+        labelstudio.import_audio(ls, settings, project, [c.path for c in clips],
+                                 media_root=stack.StackPaths(settings.home).media, progress=False)
+        labelstudio.predict_project(ls, settings, project, WhisperEngine(settings), progress=False)
+        tasks = sorted(ls.tasks.list(project=project, fields="all"), key=lambda t: t.data["source_file"])
+        for task in tasks[: args.corrections]:
+            labelstudio.submit_transcript(ls, task, truth[Path(task.data["source_file"]).name], "en")
+        job, _ = jobs.request_training(settings, project, "bench", {"epochs": args.epochs} if args.epochs else None)
+        print(f"project {project}: {args.corrections} annotated tasks, training job {job.id} queued", flush=True)
+        start, stage, marks = time.time(), None, []
+        while True:
+            j = ledger.job(job.id)
+            if j.stage != stage:
+                stage = j.stage
+                marks.append((stage, time.time() - start))
+                print(f"{time.time() - start:7.1f} s  {stage}", flush=True)
+            if j.state not in ("queued", "running"):
+                break
+            time.sleep(1)
+        total = j.finished_at - j.created_at
+        print(f"\njob {j.id}: {j.state} in {total:.0f} s (queued → finished); {j.reason}")
+        for (name, at), (_, nxt) in zip(marks, marks[1:] + [("end", time.time() - start)]):
+            print(f"  {name or 'queued':24s} {nxt - at:7.1f} s")
+        if j.version:
+            v = Registry(settings.home).get(j.version)
+            print(f"  train {v.train_size}, held-out {v.heldout_size}, error {v.error_before:.3f} → {v.error_after:.3f}, "
+                  f"{v.params['steps']} steps in {v.params['train_seconds']} s on {v.params['device']}"
+                  + (f", peak {v.params['peak_memory_mb']:.0f} MiB" if v.params.get("peak_memory_mb") else ""))
+    finally:
+        if not args.keep:
+            registry = Registry(settings.home)
+            if resolve(settings).version != live_before:
+                registry.rollback(resolve_base(settings).version, to=live_before)
+                print(f"restored live version {live_before}")
+            ls.projects.delete(id=project)
+    return 0

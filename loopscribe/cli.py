@@ -6,7 +6,9 @@
     loopscribe bench engine [--clips DIR] [--batch-size N] [--large-v3 DIR]
     loopscribe up | down | status [--json]
     loopscribe import --project N [--storage local|upload] PATH...
-    loopscribe predict --project N [--all|--missing]
+    loopscribe predict --project N [--all|--missing] [--queue]
+    loopscribe train --project N [--epochs E] [--wait]
+    loopscribe models list | show V | promote V | rollback [--to V]
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import logging
 import sys
 from pathlib import Path
 
+from ml_backend.ledger import Ledger
+from ml_backend.model_store import resolve, resolve_base
+from ml_backend.registry import Registry, RegistryError
 from ml_backend.settings import Settings
 
 
@@ -150,7 +155,7 @@ Loopscribe is up.
   model:         {ls.projects.get(id=project).model_version}, uncertainty sampling on
   least certain: curl -s -H "Authorization: Token $LABEL_STUDIO_API_KEY" {url}/api/projects/{project}/next
   settings:      {stack.ENV_FILE} (API key, secrets)    stop: loopscribe down
-  not yet:       retraining jobs (corrections ledger, LoRA, WER gate) are next on the roadmap""")
+  retraining:    every {settings.retrain_min_corrections} corrections, or `loopscribe train --project {project}`""")
     return 0
 
 
@@ -163,8 +168,6 @@ def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from ml_backend.model_store import resolve
-
     from . import jobs, labelstudio, stack
 
     paths = stack.StackPaths(settings.home)
@@ -176,21 +179,108 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         "queue": jobs.queue_status(settings),
         "projects": [],
     }
+    live = Registry(settings.home).live(resolve_base(settings).version)
+    status["live_model_heldout_error"] = live.error_after if live else None
     try:
         status["projects"] = _project_report(labelstudio.client(settings), settings)
     except Exception as exc:  # Label Studio down or refusing the token: say so, still print the rest
         status["label_studio_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    ledger = Ledger(settings.ledger_path)
+    known = {p["id"] for p in status["projects"]}
+    status["projects"] += [{"id": pid, "title": "", "tasks": None, "model_version": ""}
+                           for pid in ledger.projects() if pid not in known]
+    for p in status["projects"]:
+        p["training"] = _training_report(ledger, settings, p["id"])
     if args.json:
         print(json.dumps(status, indent=None))
-    else:
-        for key in ("label_studio_url", "backend_url", "live_model_version", "queue"):
-            print(f"{key:20s} {status[key]}")
-        for name, pid in status["processes"].items():
-            print(f"{name:20s} {'running (pid %d)' % pid if pid else 'stopped'}")
-        for p in status["projects"]:
-            print(f"project {p['id']:<4d} {p['title'][:40]:40s} {p['tasks']:6d} tasks  {p['model_version']}")
-        if "label_studio_error" in status:
-            print(f"label studio: {status['label_studio_error']}")
+        return 0
+    for key in ("label_studio_url", "backend_url", "live_model_version", "live_model_heldout_error", "queue"):
+        print(f"{key:25s} {status[key]}")
+    for name, pid in status["processes"].items():
+        print(f"{name:25s} {'running (pid %d)' % pid if pid else 'stopped'}")
+    for p in status["projects"]:
+        t = p["training"]
+        print(f"project {p['id']:<4d} {p['title'][:40]:40s} {p['tasks'] or 0:6d} tasks  {p['model_version']}")
+        print(f"    corrections since last training {t['corrections_since_training']} / {t['threshold']}"
+              f"  (ledger: {t['ledger']})")
+        if t["running"]:
+            r = t["running"]
+            eta = f", ETA {r['eta_s']:.0f} s" if r.get("eta_s") else ""
+            loss = f", loss {r['loss']:.3f}" if r.get("loss") is not None else ""
+            print(f"    job {r['id']} {r['state']}: {r['stage'] or ''} step {r['step'] or 0}/{r['total_steps'] or '?'}"
+                  f"{loss}{eta}")
+        for j in t["recent_jobs"]:
+            print(f"    job {j['id']} {j['state']:9s} {j['trigger']:12s} {j['reason'] or ''}"[:160])
+    if "label_studio_error" in status:
+        print(f"label studio: {status['label_studio_error']}")
+    return 0
+
+
+def _training_report(ledger, settings: Settings, project: int) -> dict:
+    def job_dict(j) -> dict:
+        return {"id": j.id, "state": j.state, "trigger": j.trigger, "stage": j.stage, "step": j.step,
+                "total_steps": j.total_steps, "loss": j.loss, "eta_s": j.eta_s, "version": j.version,
+                "attempts": j.attempts, "reason": j.reason}
+
+    jobs_ = ledger.jobs(project=project, limit=5)
+    running = next((j for j in jobs_ if j.state in ("queued", "running")), None)
+    return {
+        "corrections_since_training": ledger.corrections_since_training(project),
+        "threshold": settings.retrain_min_corrections,
+        "ledger": ledger.counts(project),
+        "running": job_dict(running) if running else None,
+        "recent_jobs": [job_dict(j) for j in jobs_ if j.state not in ("queued", "running")],
+    }
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    import time
+
+    from . import jobs
+
+    params = {k: v for k, v in (("epochs", args.epochs), ("learning_rate", args.learning_rate)) if v is not None}
+    job, created = jobs.request_training(settings, args.project, "cli", params)
+    print(f"{'queued' if created else 'already queued or running'}: training job {job.id} for project {args.project}")
+    if not args.wait:
+        return 0
+    ledger, last = Ledger(settings.ledger_path), None
+    while True:
+        j = ledger.job(job.id)
+        line = f"job {j.id} {j.state} {j.stage or ''} step {j.step or 0}/{j.total_steps or '?'}" + (
+            f" loss {j.loss:.3f}" if j.loss is not None else "")
+        if line != last:
+            print(line, file=sys.stderr)
+            last = line
+        if j.state not in ("queued", "running"):
+            print(f"job {j.id}: {j.state}: {j.reason}")
+            return 0 if j.state in ("promoted", "rejected") else 1
+        time.sleep(2)
+
+
+def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
+    from dataclasses import asdict
+
+    registry = Registry(settings.home)
+    base = resolve_base(settings)
+    live = resolve(settings).version
+    if args.models_command == "list":
+        print(f"{'version':46s} {'status':9s} {'parent':46s} {'train':>5s} {'held':>5s} {'before':>7s} {'after':>7s}")
+        print(f"{base.version:46s} {'live' if live == base.version else 'base':9s} {'':46s}")
+        for v in registry.list():
+            if v.base_version != base.version:
+                continue
+            fmt = lambda x: f"{x:7.3f}" if x is not None else f"{'':7s}"  # noqa: E731
+            print(f"{v.version:46s} {v.status:9s} {v.parent:46s} {v.train_size:5d} {v.heldout_size:5d} "
+                  f"{fmt(v.error_before)} {fmt(v.error_after)}")
+    elif args.models_command == "show":
+        print(json.dumps(asdict(registry.get(args.version)), indent=2, ensure_ascii=False))
+    elif args.models_command == "promote":
+        previous = registry.promote(args.version, base.version)
+        print(f"live: {args.version} (was {previous}); serving picks it up within seconds. "
+              f"Re-score a project with `loopscribe predict --project N`.")
+    elif args.models_command == "rollback":
+        now = registry.rollback(base.version, to=args.to)
+        print(f"live: {now} (rolled back from {live}); re-score a project with `loopscribe predict --project N`.")
     return 0
 
 
@@ -231,6 +321,12 @@ def cmd_bench_backend(args: argparse.Namespace, settings: Settings) -> int:
     return bench_backend(args, settings)
 
 
+def cmd_bench_retrain(args: argparse.Namespace, settings: Settings) -> int:
+    from .bench import bench_retrain
+
+    return bench_retrain(args, settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loopscribe", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -268,6 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=10, help="requests (each with fresh audio)")
     p.add_argument("--keep", action="store_true", help="keep the bench project")
     p.set_defaults(func=cmd_bench_backend)
+    p = bench.add_parser("retrain", help="time from queued training job to promoted model (needs `up`)")
+    p.add_argument("--corrections", type=int, default=100, help="annotated tasks (made-up vocabulary)")
+    p.add_argument("--epochs", type=int, help="override TRAIN_EPOCHS")
+    p.add_argument("--keep", action="store_true", help="keep the project and the new live version")
+    p.set_defaults(func=cmd_bench_retrain)
 
     p = sub.add_parser("up", help="start Label Studio and the ML backend, create and pre-annotate the demo project")
     p.add_argument("-q", "--quiet", action="store_true")
@@ -292,6 +393,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue", action="store_true", help="hand the job to the worker instead of running it here")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("train", help="queue a LoRA retraining job for a project now (the worker runs it)")
+    p.add_argument("--project", type=int, required=True)
+    p.add_argument("--epochs", type=int, help="override TRAIN_EPOCHS for this job")
+    p.add_argument("--learning-rate", type=float, help="override TRAIN_LEARNING_RATE for this job")
+    p.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    p.set_defaults(func=cmd_train)
+    models = sub.add_parser("models", help="the model registry").add_subparsers(dest="models_command", required=True)
+    models.add_parser("list", help="versions with status, parent and held-out error").set_defaults(func=cmd_models)
+    p = models.add_parser("show", help="one version's metadata and evaluation report")
+    p.add_argument("version")
+    p.set_defaults(func=cmd_models)
+    p = models.add_parser("promote", help="make a version live (atomic; serving hot-swaps)")
+    p.add_argument("version")
+    p.set_defaults(func=cmd_models)
+    p = models.add_parser("rollback", help="make the previous live version live again")
+    p.add_argument("--to", help="a specific version (or the base version) instead of the previous one")
+    p.set_defaults(func=cmd_models)
     return parser
 
 
@@ -314,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args, Settings.from_env())
     except KeyboardInterrupt:
         return 130
-    except (RuntimeError, ValueError, KeyError) as exc:
+    except (RuntimeError, ValueError, KeyError, RegistryError) as exc:
         print(f"loopscribe: error: {exc}", file=sys.stderr)
         return 2
 

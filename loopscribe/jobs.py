@@ -2,23 +2,38 @@
 
 The worker is a separate process: ``huey_consumer loopscribe.jobs.huey`` (``up`` starts
 it). Jobs are registered under explicit names, so any process that opens the same
-queue (the CLI, a test, another machine with the same Redis) can enqueue them.
+queue (the backend, the CLI, a test, another machine with the same Redis) can enqueue them.
+
+Training jobs live in the corrections ledger as well as in the queue: the ledger row is
+the truth (state, attempts, progress, outcome); the queue message only says "run job N".
+Huey drops a message once a worker takes it, so a worker that dies mid-training would
+lose the job; instead, every worker start (and a check every minute) looks for running
+jobs whose worker is gone and queues them again until ``TRAIN_MAX_ATTEMPTS``, after
+which they are failed with the reason. A duplicate message is harmless: only the first
+``claim`` of a queued job runs it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
+import time
 from dataclasses import asdict
 
-from huey import Huey, RedisHuey, SqliteHuey
+from huey import Huey, RedisHuey, SqliteHuey, crontab
 
+from ml_backend.ledger import Ledger
+from ml_backend.live import LiveEngine
 from ml_backend.settings import Settings
 
+from .stack import process_alive
+
 log = logging.getLogger(__name__)
-_engine_lock = threading.Lock()
-_engine = None
+_live_lock = threading.Lock()
+_live: LiveEngine | None = None
+STALE_HEARTBEAT_S = 900  # a running job silent this long (any host) is considered dead
 
 
 def open_queue(settings: Settings) -> Huey:
@@ -29,36 +44,128 @@ def open_queue(settings: Settings) -> Huey:
     return SqliteHuey("loopscribe", filename=str(settings.home / "queue.db"))
 
 
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def _worker_engine(settings: Settings):
-    """One engine per worker process, loaded on the first job."""
-    global _engine
-    with _engine_lock:
-        if _engine is None:
-            from ml_backend.engine import WhisperEngine
-
-            _engine = WhisperEngine(settings)
-        return _engine
+    """One live engine per worker process, loaded on the first job and hot-swapped after promotions."""
+    global _live
+    with _live_lock:
+        if _live is None:
+            _live = LiveEngine(settings)
+        return _live.get()
 
 
-def run_prediction(project: int, only_missing: bool = True) -> dict:
+def run_prediction(project: int, only_missing: bool = True, only_unlabeled: bool = False) -> dict:
     """Bulk pre-annotation of one project with the live model (resumable: only_missing skips done tasks)."""
     from . import labelstudio
 
     settings = Settings.from_env()
     report = labelstudio.predict_project(labelstudio.client(settings), settings, project, _worker_engine(settings),
-                                         only_missing=only_missing, progress=False)
+                                         only_missing=only_missing, only_unlabeled=only_unlabeled, progress=False)
     log.info("project %s: %s", project, report)
     return asdict(report)
 
 
+def run_training_job(job_id: int) -> dict:
+    """Claim a queued training job, run one round, and re-score the project if it was promoted."""
+    from training.pipeline import run_training
+
+    from . import labelstudio
+
+    settings = Settings.from_env()
+    ledger = Ledger(settings.ledger_path)
+    job = ledger.claim(job_id, worker_id())
+    if job is None:
+        log.info("training job %s is not queued any more (duplicate message); skipped", job_id)
+        return {"job": job_id, "skipped": True}
+    log.info("training job %s for project %s (attempt %d, trigger %s)", job.id, job.project, job.attempts, job.trigger)
+    try:
+        ls = labelstudio.client(settings)
+        outcome = run_training(settings, ls, ledger, job.project, _worker_engine(settings), params=job.params,
+                               on_progress=lambda **f: ledger.progress(job.id, **f))
+        reason = outcome.summary()
+        if outcome.state == "promoted":
+            ledger.progress(job.id, stage="re-scoring", version=outcome.version)
+            try:
+                report = labelstudio.predict_project(ls, settings, job.project, _worker_engine(settings),
+                                                     only_missing=True, only_unlabeled=True, progress=False)
+                reason += f"; re-scored {report.predicted} unlabeled tasks"
+            except Exception as exc:  # the promotion stands; re-scoring can be re-run with `predict`
+                log.exception("re-scoring project %s failed", job.project)
+                reason += f"; re-scoring failed: {describe_error(exc)} (run `loopscribe predict --project {job.project}`)"
+        ledger.finish(job.id, outcome.state, version=outcome.version, reason=reason)
+        log.info("training job %s: %s", job.id, reason)
+        return {"job": job.id, "state": outcome.state, "version": outcome.version, "reason": reason}
+    except Exception as exc:
+        log.exception("training job %s failed", job.id)
+        ledger.finish(job.id, "failed", reason=describe_error(exc))
+        return {"job": job.id, "state": "failed", "reason": str(exc)}
+
+
+def describe_error(exc: Exception, limit: int = 400) -> str:
+    """A one-line reason: Label Studio API errors by status and body, not by their response headers."""
+    if hasattr(exc, "status_code") and hasattr(exc, "body"):
+        text = f"Label Studio answered {exc.status_code}: {exc.body}"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())[:limit]
+
+
+def recover_jobs(settings: Settings, enqueue=None, *, on_start: bool = False) -> list[tuple[int, str]]:
+    """Requeue or fail running jobs whose worker is gone; on worker start also re-send queued jobs.
+
+    A worker counts as gone when it ran on this host and its pid is dead, or when its last
+    heartbeat is older than :data:`STALE_HEARTBEAT_S` (other hosts).
+    """
+    ledger = Ledger(settings.ledger_path)
+    enqueue = enqueue or enqueue_training_job
+    host = socket.gethostname()
+    changed = []
+    for job in ledger.jobs(states=("running",), limit=1000):
+        worker_host, _, pid = (job.worker or "").rpartition(":")
+        dead_here = worker_host == host and pid.isdigit() and not process_alive(int(pid))
+        silent = job.heartbeat_at is not None and time.time() - job.heartbeat_at > STALE_HEARTBEAT_S
+        if dead_here or silent:
+            where = f"step {job.step}/{job.total_steps}" if job.total_steps else f"stage {job.stage}"
+            reason = f"worker {job.worker} stopped during {where} (attempt {job.attempts} of {settings.train_max_attempts})"
+            state = ledger.requeue_or_fail(job.id, reason, settings.train_max_attempts)
+            log.warning("training job %s: %s → %s", job.id, reason, state)
+            changed.append((job.id, state))
+            if state == "queued":
+                enqueue(job.id)
+    if on_start:
+        for job in ledger.jobs(states=("queued",), limit=1000):
+            if (job.id, "queued") not in changed:
+                enqueue(job.id)
+    return changed
+
+
 def register(queue: Huey) -> dict:
-    """The jobs, by name. A job that dies with its worker is retried once."""
-    return {"predict": queue.task(retries=1, retry_delay=5, name="predict")(run_prediction)}
+    """The jobs, by name."""
+    return {
+        "predict": queue.task(retries=1, retry_delay=5, name="predict")(run_prediction),
+        "train": queue.task(name="train")(run_training_job),
+    }
 
 
 def enqueue_prediction(settings: Settings, project: int, only_missing: bool = True):
     """Queue bulk pre-annotation; returns huey's result handle (``.get(blocking=True)``)."""
     return register(open_queue(settings))["predict"](project, only_missing)
+
+
+def enqueue_training_job(job_id: int) -> None:
+    """Hand a ledger training job (already in state ``queued``) to the workers."""
+    register(open_queue(Settings.from_env()))["train"](job_id)
+
+
+def request_training(settings: Settings, project: int, trigger: str = "cli", params: dict | None = None):
+    """Queue a training job for ``project`` now (coalesced with a queued or running one)."""
+    job, created = Ledger(settings.ledger_path).request_training(project, trigger, params)
+    if created:
+        enqueue_training_job(job.id)
+    return job, created
 
 
 def queue_status(settings: Settings) -> dict:
@@ -70,3 +177,16 @@ def queue_status(settings: Settings) -> dict:
 # The consumer imports this module; its environment is set by `up` (see stack.start_worker).
 huey = open_queue(Settings.from_env())
 jobs = register(huey)
+
+
+@huey.on_startup()
+def _recover_on_start() -> None:
+    try:
+        recover_jobs(Settings.from_env(), on_start=True)
+    except Exception:
+        log.exception("job recovery at start-up failed")
+
+
+@huey.periodic_task(crontab(minute="*"), name="recover-jobs")
+def _recover_periodically() -> None:
+    recover_jobs(Settings.from_env())

@@ -188,12 +188,14 @@ def predict_project(
     engine,
     *,
     only_missing: bool = True,
+    only_unlabeled: bool = False,
     batch_tasks: int = 64,
     progress: bool = True,
 ) -> PredictReport:
     """Bulk pre-annotation with the live model; sets model_version and uncertainty sampling at the end.
 
-    Audio of the next batch is fetched and decoded in background threads while the
+    ``only_unlabeled`` leaves annotated tasks alone (re-scoring after a promotion: only the
+    pool annotators have yet to see needs new scores). Audio of the next batch is fetched and decoded in background threads while the
     engine decodes the current one, so Label Studio round trips cost little wall time.
     """
     from concurrent.futures import ThreadPoolExecutor
@@ -204,9 +206,13 @@ def predict_project(
     config = parse_label_config(ls.projects.get(id=project).label_config)
     fetcher = AudioFetcher(settings)
     report = PredictReport()
-    todo = []
+    todo, holding_version = [], 0
     for task in ls.tasks.list(project=project, fields="all"):
-        if only_missing and any(p.model_version == version for p in (task.predictions or [])):
+        has_version = any(p.model_version == version for p in (task.predictions or []))
+        holding_version += has_version
+        if only_unlabeled and (getattr(task, "total_annotations", 0) or 0) > 0:
+            report.skipped += 1
+        elif only_missing and has_version:
             report.skipped += 1
         else:
             todo.append(task)
@@ -236,9 +242,28 @@ def predict_project(
                 report.predicted += len(predictions)
                 report.audio_seconds += sum(c.size for c in clips) / SAMPLE_RATE
             bar.update(len(batch))
-    if report.predicted or report.skipped:
+    if report.predicted or holding_version:  # Label Studio refuses a version no prediction carries
         ls.projects.update(id=project, model_version=version, sampling=UNCERTAINTY_SAMPLING)
     return report
+
+
+def submit_transcript(ls: LabelStudio, task, text: str, language: str | None = None) -> int:
+    """Submit an annotation the way an annotator does: start from the task's first prediction, set the
+    transcript (and language), submit. Label Studio then sends ANNOTATION_CREATED with the prediction."""
+    prediction = task.predictions[0] if task.predictions else None
+    result = [dict(r) for r in (prediction.result if prediction else [])]
+    for r in result:
+        if r["type"] == "textarea" and "start" not in r.get("value", {}):
+            r["value"] = {"text": [text]}
+        elif r["type"] == "choices" and language and r["from_name"].lower().startswith("lang"):
+            r["value"] = {"choices": [language]}
+    if prediction is None:
+        config = parse_label_config(ls.projects.get(id=task.project).label_config)
+        result = [{"from_name": config.transcript_name, "to_name": config.audio_name, "type": "textarea",
+                   "value": {"text": [text]}}]
+    created = ls.annotations.create(id=task.id, result=result, was_cancelled=False, lead_time=1.0,
+                                    parent_prediction=prediction.id if prediction else None)
+    return created.id
 
 
 def connect_backend(ls: LabelStudio, project: int, settings: Settings, title: str = "Loopscribe Whisper") -> int:

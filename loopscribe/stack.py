@@ -117,12 +117,27 @@ def backend_environment(values: dict[str, str], settings: Settings) -> dict[str,
     return env
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """True for a running process; a zombie (killed, not yet reaped by its parent) counts as dead."""
     try:
         os.kill(pid, 0)
-    except OSError:
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    if state == "Z":
+        try:
+            os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
+        except ChildProcessError:
+            pass
         return False
     return True
+
+
 
 
 def running_pid(paths: StackPaths, name: str) -> int | None:
@@ -130,13 +145,13 @@ def running_pid(paths: StackPaths, name: str) -> int | None:
         pid = int(paths.pid_file(name).read_text().strip())
     except (OSError, ValueError):
         return None
-    return pid if _alive(pid) else None
+    return pid if process_alive(pid) else None
 
 
 def wait_healthy(url: str, timeout: float, pid: int | None = None, log: Path | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if pid is not None and not _alive(pid):
+        if pid is not None and not process_alive(pid):
             tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
             raise RuntimeError(f"process for {url} exited during start-up; log tail:\n{tail}")
         try:
@@ -178,7 +193,7 @@ def start_backend(values: dict[str, str], settings: Settings, paths: StackPaths,
     if pid is None:
         bind = url.split("://", 1)[-1].rstrip("/")
         cmd = [sys.executable, "-m", "gunicorn", "--workers", "1", "--threads", "4", "--timeout", "300",
-               "--bind", bind, "--access-logfile", "-", "ml_backend.wsgi:app"]
+               "--bind", bind, "--access-logfile", "-", "loopscribe.wsgi:app"]
         pid = _spawn(paths, "ml-backend", cmd, backend_environment(values, settings))
     wait_healthy(f"{url}/health", timeout, pid, paths.log_file("ml-backend"))
     return pid
@@ -192,7 +207,7 @@ def start_worker(values: dict[str, str], settings: Settings, paths: StackPaths) 
                "--worker-type", "thread", "--logfile", str(paths.log_file("worker"))]
         pid = _spawn(paths, "worker", cmd, backend_environment(values, settings))
         time.sleep(2)
-        if not _alive(pid):
+        if not process_alive(pid):
             tail = paths.log_file("worker").read_text(errors="replace")[-3000:] if paths.log_file("worker").exists() else ""
             raise RuntimeError(f"the worker exited during start-up; log tail:\n{tail}")
     return pid
@@ -212,7 +227,7 @@ def stop(paths: StackPaths, names: tuple[str, ...] = SERVICES) -> list[str]:
             except OSError:
                 os.kill(pid, signal.SIGTERM)
             for _ in range(50):
-                if not _alive(pid):
+                if not process_alive(pid):
                     break
                 time.sleep(0.2)
             else:

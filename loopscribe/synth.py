@@ -108,3 +108,35 @@ def demo_clips(out_dir: Path) -> list[SynthClip]:
         write_wav(with_noise(load(clean.path), snr_db=0.0, seed=1), noisy)
     clips.append(SynthClip(noisy, SENTENCES["es"][0], "es"))
     return clips
+
+
+# A made-up product vocabulary: words base Whisper has never seen, so it misspells them
+# until corrections teach it (the retraining tests and the learning benchmark use these).
+VOCABULARY = ["Zorvex", "Quintaro", "Blendrix", "Vexaloom", "Trundlepy", "Kavoria"]
+TEMPLATES = [
+    "Please open the {} dashboard.",
+    "The {} update is ready now.",
+    "We installed {} on every server.",
+    "Send the report to the {} team.",
+    "Restart {} before the meeting.",
+    "My favourite tool is {}.",
+    "Can you check the {} logs today?",
+    "The new {} release fixes the bug.",
+]
+VOICES = [dict(speed=150, pitch=50), dict(speed=130, pitch=35), dict(speed=170, pitch=65), dict(speed=140, pitch=45)]
+
+
+def vocabulary_clips(out_dir: Path, count: int = 24, offset: int = 0) -> list[SynthClip]:
+    """English sentences built around :data:`VOCABULARY` in varied voices, deterministic by index."""
+    clips = []
+    for i in range(offset, offset + count):
+        word = VOCABULARY[i % len(VOCABULARY)]
+        template = TEMPLATES[(i // len(VOCABULARY)) % len(TEMPLATES)]
+        text = template.format(word)
+        path = out_dir / f"vocab_{i:03d}.wav"
+        voice = dict(VOICES[i % len(VOICES)])
+        voice["speed"] += 6 * (i // (len(VOCABULARY) * len(TEMPLATES)))  # past 48 sentences: same words, new pace
+        if not path.exists():
+            speak(text, "en", path, **voice)
+        clips.append(SynthClip(path, text, "en"))
+    return clips

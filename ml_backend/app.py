@@ -2,8 +2,14 @@
 
 Routes (the protocol Label Studio 1.23 speaks): ``GET /health``, ``POST /setup``,
 ``POST /predict``, ``POST /webhook``, ``GET /versions``, plus ``GET /metrics``
-(Prometheus). Served by gunicorn (``ml_backend.wsgi:app``); one process holds the model,
-threads serve requests.
+(Prometheus). Served by gunicorn (``loopscribe.wsgi:app`` wires in the job queue); one
+process holds the model, threads serve requests. The model is the registry's live
+version, hot-swapped when a new one is promoted (:mod:`ml_backend.live`).
+
+``/webhook`` folds annotation events into the corrections ledger and, when a project's
+corrections reach ``RETRAIN_MIN_CORRECTIONS`` (or Label Studio sends ``START_TRAINING``),
+queues a training job: a few milliseconds of SQLite, then the answer. Label Studio waits
+at most one second.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 from flask import Flask, Response, jsonify, request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -22,6 +29,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from .audio import AudioDecodeError, duration
 from .fetch import AudioFetcher, AudioFetchError, load_task_audio
 from .label_config import LabelConfigError, parse_label_config
+from .ledger import Ledger
+from .live import LiveEngine
 from .predictions import to_prediction
 from .settings import Settings
 
@@ -51,30 +60,28 @@ class PredictionService:
     def __init__(self, settings: Settings, engine=None):
         self.settings = settings
         self.fetcher = AudioFetcher(settings)
-        self._engine = engine
-        self._lock = threading.Lock()
+        self.live = LiveEngine(settings, engine)
 
     @property
     def engine(self):
-        with self._lock:
-            if self._engine is None:
-                from .engine import WhisperEngine
-
-                self._engine = WhisperEngine(self.settings)
-            return self._engine
+        return self.live.get()
 
     @property
     def model_version(self) -> str:
-        """Answers without loading the model: Label Studio gives /setup 3 seconds."""
-        if self._engine is not None:
-            return self._engine.model_version
-        from .engine import expected_version
-
-        return expected_version(self.settings)
+        """The live version, answered without loading the model: Label Studio gives /setup 3 seconds."""
+        return self.live.version
 
     def warm_up(self) -> threading.Thread:
-        """Load the model in the background so the first /predict does not pay for it."""
-        thread = threading.Thread(target=lambda: self.engine, name="engine-warm-up", daemon=True)
+        """Load the model in the background so the first /predict does not pay for it; then keep
+        watching the registry so a promoted version is loaded before it is asked for."""
+        from .text import normalize
+
+        def load() -> None:
+            normalize("warm up")  # the ledger's normalizer, imported before the first webhook
+            self.live.get()
+            self.live.watch()
+
+        thread = threading.Thread(target=load, name="engine-warm-up", daemon=True)
         thread.start()
         return thread
 
@@ -102,12 +109,16 @@ class PredictionService:
             return None
 
 
-def create_app(settings: Settings | None = None, engine=None, *, warm_up: bool = False) -> Flask:
+def create_app(settings: Settings | None = None, engine=None, *, warm_up: bool = False,
+               enqueue_job: Callable[[int], None] | None = None) -> Flask:
+    """``enqueue_job(job_id)`` hands a queued training job to the worker; without it, jobs wait in
+    the ledger until a worker starts (the worker re-enqueues queued jobs on start-up)."""
     settings = settings or Settings.from_env()
     service = PredictionService(settings, engine)
     if warm_up:
         service.warm_up()
     metrics = Metrics()
+    ledger = Ledger(settings.ledger_path)
     events_file = settings.home / "webhooks" / "events.jsonl"
     app = Flask(__name__)
     app.config["service"] = service
@@ -176,16 +187,32 @@ def create_app(settings: Settings | None = None, engine=None, *, warm_up: bool =
         event = request.get_json(silent=True)
         if not isinstance(event, dict) or "action" not in event:
             return jsonify(error="expected a Label Studio webhook event with an 'action'"), 400
-        metrics.webhooks.labels(str(event["action"])).inc()
-        # Recorded as received; the corrections ledger (retraining) consumes this file.
-        events_file.parent.mkdir(parents=True, exist_ok=True)
+        action = str(event["action"])
+        metrics.webhooks.labels(action).inc()
+        events_file.parent.mkdir(parents=True, exist_ok=True)  # raw audit log, replayable into a ledger
         with open(events_file, "a", encoding="utf-8") as f:
             f.write(json.dumps({"received_at": time.time(), "event": event}, ensure_ascii=False) + "\n")
-        return jsonify(status="ok"), 201
+        recorded = ledger.record(event)
+        job, created = None, False
+        if recorded.project is not None and action == "START_TRAINING":
+            job, created = ledger.request_training(int(recorded.project), "label-studio")
+        elif recorded.project is not None and recorded.changed and settings.retrain_min_corrections > 0:
+            job, created = ledger.request_training(int(recorded.project), "threshold",
+                                                   min_corrections=settings.retrain_min_corrections)
+        if created and enqueue_job is not None:
+            enqueue_job(job.id)
+        answer = {"status": "ok", "changed": recorded.changed}
+        if job is not None:
+            answer["job"] = {"id": job.id, "state": job.state, "queued_now": created}
+        return jsonify(answer), 201
 
     @app.get("/versions")
     def versions():
-        return jsonify(versions=[service.model_version])
+        from .registry import Registry
+
+        fine_tuned = [v.version for v in Registry(settings.home).list() if v.status in ("live", "retired")]
+        live = service.model_version
+        return jsonify(versions=[live] + [v for v in reversed(fine_tuned) if v != live])
 
     @app.get("/metrics")
     def prometheus():

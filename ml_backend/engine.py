@@ -134,12 +134,13 @@ def _pick_dtype(setting: str, device: torch.device) -> torch.dtype:
 class WhisperEngine:
     """Whisper with uncertainty; thread-safe (one decode at a time, cache shared)."""
 
-    def __init__(self, settings: Settings | None = None, model: str | None = None, *, install_missing: bool = False):
+    def __init__(self, settings: Settings | None = None, model: str | None = None, *, install_missing: bool = False,
+                 resolved: ResolvedModel | None = None):
         from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizer
         from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
         self.settings = settings or Settings.from_env()
-        self.resolved: ResolvedModel = resolve(self.settings, model, install_missing=install_missing)
+        self.resolved: ResolvedModel = resolved or resolve(self.settings, model, install_missing=install_missing)
         self.device = _pick_device(self.settings.device)
         self.dtype = _pick_dtype(self.settings.dtype, self.device)
         if self.device.type == "cpu" and self.settings.cpu_threads > 0:
@@ -150,7 +151,13 @@ class WhisperEngine:
         self.feature_extractor = WhisperFeatureExtractor.from_pretrained(self.resolved.path)
         model_ = WhisperForConditionalGeneration.from_pretrained(
             self.resolved.path, dtype=self.dtype, attn_implementation="sdpa"
-        ).to(self.device).eval()
+        )
+        if self.resolved.adapter:
+            from peft import PeftModel
+
+            log.info("merging LoRA adapter %s", self.resolved.adapter)
+            model_ = PeftModel.from_pretrained(model_, self.resolved.adapter).merge_and_unload()
+        model_ = model_.to(self.device).eval()
         self.quantized = self.settings.quantize and self.device.type == "cpu"
         if self.quantized:
             model_ = torch.ao.quantization.quantize_dynamic(model_, {torch.nn.Linear}, dtype=torch.qint8)

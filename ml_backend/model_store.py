@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .settings import Settings
@@ -77,6 +77,13 @@ class ResolvedModel:
     path: str  # local HF directory, or a hub id
     version: str
     ct2_path: str | None = None
+    adapter: str | None = None  # a registry LoRA adapter merged on load
+    base_version: str | None = None  # the version of ``path`` itself when an adapter is applied
+
+    @property
+    def root_version(self) -> str:
+        """The base model's version (the registry lineage this model belongs to)."""
+        return self.base_version or self.version
 
 
 def _sha256(path: Path) -> str:
@@ -213,6 +220,23 @@ def _local_version(path: Path) -> str:
 
 
 def resolve(settings: Settings, spec: str | None = None, *, install_missing: bool = False) -> ResolvedModel:
+    """The model to serve: ``WHISPER_MODEL`` with the registry's live fine-tuned version applied.
+
+    An explicit ``spec`` (a bundled name, a local directory, a hub id) means that model as is.
+    """
+    base = resolve_base(settings, spec, install_missing=install_missing)
+    if spec is not None:
+        return base
+    from .registry import Registry
+
+    live = Registry(settings.home).live(base.version)
+    if live is None:
+        return base
+    return replace(base, version=live.version, adapter=str(Registry(settings.home).adapter_path(live.version)),
+                   base_version=base.version)
+
+
+def resolve_base(settings: Settings, spec: str | None = None, *, install_missing: bool = False) -> ResolvedModel:
     """Turn ``WHISPER_MODEL`` (a bundled name, a local directory or a hub id) into a loadable model."""
     spec = spec or settings.whisper_model
     if spec in BUNDLED:

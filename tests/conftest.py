@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +61,47 @@ def espeak_dir(tmp_path_factory) -> Path:
     if not have_espeak():
         pytest.fail("espeak-ng is not installed; ./scripts/test installs it")
     return tmp_path_factory.mktemp("espeak")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_stack(settings: Settings, tmp_path_factory, env: dict[str, str] | None = None):
+    """Label Studio + backend + worker on free loopback ports in a scratch home sharing the installed models.
+
+    ``env`` adds settings (e.g. ``RETRAIN_MIN_CORRECTIONS``) for the backend and the worker; they are
+    also set in this process while the stack runs, so in-process helpers read the same values.
+    Yields ``(settings, paths, env_file)``.
+    """
+    from loopscribe import stack
+
+    home = tmp_path_factory.mktemp("stack")
+    (home / "models").symlink_to(settings.models_dir)
+    env_file = home / ".env"
+    env_file.write_text(f"LABEL_STUDIO_URL=http://127.0.0.1:{free_port()}\nBACKEND_URL=http://127.0.0.1:{free_port()}\n")
+    values = stack.ensure_env_file(env_file)
+    s = replace(settings, home=home, label_studio_url=values["LABEL_STUDIO_URL"],
+                label_studio_api_key=values["LABEL_STUDIO_API_KEY"], backend_url=values["BACKEND_URL"],
+                basic_auth_user=values["BASIC_AUTH_USER"], basic_auth_pass=values["BASIC_AUTH_PASS"],
+                webhook_secret=values["WEBHOOK_SECRET"])
+    paths = stack.StackPaths(home)
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in (env or {}).items():
+            mp.setenv(key, value)
+        try:
+            stack.start_label_studio(values, paths)
+            stack.start_backend(values, s, paths)
+            stack.start_worker(values, s, paths)
+            yield s, paths, env_file
+        finally:
+            stack.stop(paths)
+
+
+@pytest.fixture(scope="session")
+def launch_stack():
+    """``with launch_stack(settings, tmp_path_factory, env) as (settings, paths, env_file): ...``"""
+    return running_stack

@@ -8,10 +8,8 @@ sends its webhooks to it.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,32 +22,10 @@ pytestmark = pytest.mark.slow
 CONFIG = (Path(__file__).resolve().parents[1] / "label_config.xml").read_text()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def live(settings, engine, tmp_path_factory):
-    """Label Studio + backend on free loopback ports in a scratch home sharing the installed models."""
-    home = tmp_path_factory.mktemp("stack")
-    (home / "models").symlink_to(settings.models_dir)
-    env_file = home / ".env"
-    env_file.write_text(f"LABEL_STUDIO_URL=http://127.0.0.1:{free_port()}\nBACKEND_URL=http://127.0.0.1:{free_port()}\n")
-    values = stack.ensure_env_file(env_file)
-    s = replace(settings, home=home, label_studio_url=values["LABEL_STUDIO_URL"],
-                label_studio_api_key=values["LABEL_STUDIO_API_KEY"], backend_url=values["BACKEND_URL"],
-                basic_auth_user=values["BASIC_AUTH_USER"], basic_auth_pass=values["BASIC_AUTH_PASS"],
-                webhook_secret=values["WEBHOOK_SECRET"])
-    paths = stack.StackPaths(home)
-    try:
-        stack.start_label_studio(values, paths)
-        stack.start_backend(values, s, paths)
-        stack.start_worker(values, s, paths)
-        yield s, paths, env_file
-    finally:
-        stack.stop(paths)
+def live(settings, engine, tmp_path_factory, launch_stack):
+    with launch_stack(settings, tmp_path_factory) as stack_:
+        yield stack_
 
 
 @pytest.fixture(scope="module")

@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import jiwer
 
-# Scripts written without spaces between words: score them by characters.
-CHARACTER_LANGUAGES = {"zh", "ja", "th", "lo", "km", "my", "bo", "yue"}
+from ml_backend.text import CHARACTER_LANGUAGES, normalize
 
-
-@lru_cache(maxsize=2)
-def _normalizer(english: bool):
-    from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
-
-    return EnglishTextNormalizer({}) if english else BasicTextNormalizer()
-
-
-def normalize(text: str, language: str | None = "en") -> str:
-    """Whisper's English normalizer for English, its basic (lower-case, no punctuation) one otherwise."""
-    return " ".join(_normalizer(language == "en")(text).split())
+__all__ = ["CHARACTER_LANGUAGES", "normalize", "error_rate", "corpus_error_rate"]
 
 
 def error_rate(references: list[str], hypotheses: list[str], language: str | None = "en") -> float:

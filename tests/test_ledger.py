@@ -1,0 +1,129 @@
+"""The corrections ledger: idempotent, order-independent folding of Label Studio webhooks."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+
+import pytest
+
+from ml_backend.ledger import Ledger
+
+CONFIG = (Path(__file__).resolve().parents[1] / "label_config.xml").read_text()
+PROJECT = {"id": 7, "label_config": CONFIG}
+
+
+def result(text: str, language: str = "en") -> list[dict]:
+    return [{"from_name": "transcription", "to_name": "audio", "type": "textarea", "value": {"text": [text]}},
+            {"from_name": "language", "to_name": "audio", "type": "choices", "value": {"choices": [language]}}]
+
+
+def annotation_event(action: str, ann: int, task: int, text: str, updated: str, *, predicted: str,
+                     language: str = "en", cancelled: bool = False) -> dict:
+    return {"action": action, "project": PROJECT, "task": {"id": task},
+            "annotation": {"id": ann, "task": task, "project": 7, "result": result(text, language),
+                           "was_cancelled": cancelled, "updated_at": updated,
+                           "prediction": {"result": result(predicted), "model_version": "v1", "score": 0.4}}}
+
+
+def deleted(*ids: int) -> dict:
+    return {"action": "ANNOTATIONS_DELETED", "project": PROJECT, "annotations": [{"id": i} for i in ids]}
+
+
+EVENTS = [
+    # 1: accepted unchanged (punctuation and case only): verified, not a correction
+    annotation_event("ANNOTATION_CREATED", 1, 11, "please open the dashboard", "2026-11-24T10:00:00Z",
+                     predicted="Please open the dashboard."),
+    # 2: created as a correction, then updated (replaces)
+    annotation_event("ANNOTATION_CREATED", 2, 12, "Zorvex is ready", "2026-11-24T10:00:01Z", predicted="Servex is ready"),
+    annotation_event("ANNOTATION_UPDATED", 2, 12, "Zorvex is ready now", "2026-11-24T10:05:00Z",
+                     predicted="Servex is ready"),
+    # 3: a correction that is later deleted
+    annotation_event("ANNOTATION_CREATED", 3, 13, "Quintaro", "2026-11-24T10:00:02Z", predicted="Quintero"),
+    deleted(3),
+    # 4: only the language changed: a correction
+    annotation_event("ANNOTATION_CREATED", 4, 14, "ciao", "2026-11-24T10:00:03Z", predicted="ciao", language="it"),
+    # 5: skipped (cancelled)
+    annotation_event("ANNOTATION_CREATED", 5, 15, "", "2026-11-24T10:00:04Z", predicted="hello", cancelled=True),
+    {"action": "PROJECT_UPDATED", "project": PROJECT},
+]
+
+
+def state(tmp_path: Path, events: list[dict], name: str) -> list[dict]:
+    ledger = Ledger(tmp_path / f"{name}.db")
+    for e in events:
+        ledger.record(e)
+    return ledger.snapshot()
+
+
+def test_ledger_classifies_corrections(tmp_path):
+    ledger = Ledger(tmp_path / "l.db")
+    for e in EVENTS:
+        ledger.record(e)
+    rows = {r["id"]: r for r in ledger.snapshot()}
+    assert rows[1]["kind"] == "verified"
+    assert rows[2]["kind"] == "correction" and rows[2]["text"] == "Zorvex is ready now"
+    assert rows[3]["kind"] == "deleted"
+    assert (rows[4]["kind"], rows[4]["language"], rows[4]["predicted_language"]) == ("correction", "it", "en")
+    assert rows[5]["kind"] == "cancelled"
+    assert ledger.counts(7) == {"verified": 1, "correction": 2, "deleted": 1, "cancelled": 1}
+    assert ledger.corrections_since_training(7) == 2
+
+
+def test_replayed_duplicated_and_reordered_events_give_the_same_ledger(tmp_path):
+    reference = state(tmp_path, EVENTS, "reference")
+    assert state(tmp_path, EVENTS + EVENTS, "replayed") == reference
+    assert state(tmp_path, [e for e in EVENTS for _ in range(3)], "duplicated") == reference
+    assert state(tmp_path, list(reversed(EVENTS)), "reversed") == reference
+    rng = random.Random(0)
+    for n in range(20):
+        shuffled = EVENTS + rng.sample(EVENTS, k=4)
+        rng.shuffle(shuffled)
+        assert state(tmp_path, shuffled, f"shuffled{n}") == reference, f"order {n}"
+
+
+def test_every_order_of_create_update_delete_ends_deleted(tmp_path):
+    trio = [EVENTS[1], EVENTS[2], deleted(2)]
+    for n, order in enumerate(itertools.permutations(trio)):
+        rows = state(tmp_path, list(order), f"perm{n}")
+        assert [r["kind"] for r in rows] == ["deleted"], order
+
+
+def test_replay_does_not_count_twice_and_jobs_coalesce(tmp_path):
+    ledger = Ledger(tmp_path / "l.db")
+    for e in EVENTS:
+        assert ledger.record(e).changed >= 0
+    assert ledger.record(EVENTS[2]).changed == 0  # replay
+    job, created = ledger.request_training(7, "threshold", min_corrections=3)
+    assert job is None and not created  # 2 corrections < 3
+    job, created = ledger.request_training(7, "threshold", min_corrections=2)
+    assert created and job.state == "queued"
+    again, created_again = ledger.request_training(7, "cli")
+    assert again.id == job.id and not created_again  # coalesced while queued
+    claimed = ledger.claim(job.id, "host:1")
+    assert claimed.state == "running" and claimed.attempts == 1
+    assert ledger.claim(job.id, "host:2") is None  # a duplicate message does not run it twice
+    ledger.finish(job.id, "rejected", reason="no gain")
+    assert ledger.corrections_since_training(7) == 0  # the job covered them
+    ledger.record(annotation_event("ANNOTATION_CREATED", 9, 19, "Blendrix", "2026-11-24T11:00:00Z",
+                                   predicted="Blend tricks"))
+    assert ledger.corrections_since_training(7) == 1
+
+
+def test_dead_worker_job_is_requeued_then_failed(tmp_path):
+    ledger = Ledger(tmp_path / "l.db")
+    job, _ = ledger.request_training(3, "cli")
+    ledger.claim(job.id, "host:1")
+    assert ledger.requeue_or_fail(job.id, "worker died", max_attempts=2) == "queued"
+    ledger.claim(job.id, "host:2")
+    assert ledger.requeue_or_fail(job.id, "worker died again", max_attempts=2) == "failed"
+    assert ledger.job(job.id).reason == "worker died again"
+
+
+@pytest.mark.parametrize("text,predicted,kind", [("Hello, world!", "hello world", "verified"),
+                                                 ("Hello world", "Hello word", "correction")])
+def test_normalized_comparison(tmp_path, text, predicted, kind):
+    ledger = Ledger(tmp_path / "l.db")
+    ledger.record(annotation_event("ANNOTATION_CREATED", 1, 1, text, "2026-11-24T10:00:00Z", predicted=predicted))
+    assert ledger.snapshot()[0]["kind"] == kind

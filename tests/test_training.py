@@ -1,0 +1,75 @@
+"""Training pieces without Label Studio: target sequences, the frozen split, job recovery."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from ml_backend.ledger import Ledger
+from training.dataset import HELDOUT, TRAIN, frozen_splits, heldout_by_hash
+from training.lora import Example, LoraArguments, target_tokens
+
+
+@pytest.fixture(scope="module")
+def whisper_tokens(settings):
+    from transformers import WhisperTokenizer
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    from ml_backend.decoding import SpecialTokens
+    from ml_backend.model_store import resolve_base
+
+    tokenizer = WhisperTokenizer.from_pretrained(resolve_base(settings, "base").path)
+    return tokenizer, SpecialTokens.from_tokenizer(tokenizer, list(LANGUAGES), True)
+
+
+def test_target_sequence_has_language_task_and_timestamps(whisper_tokens):
+    tokenizer, special = whisper_tokens
+    example = Example(task=2, audio=np.zeros(16000 * 3, np.float32), text="Restart Zorvex now.", language="de")
+    with_ts = target_tokens(tokenizer, special, example, timestamps=True)
+    assert with_ts[:3] == [special.sot, special.languages["de"], special.transcribe]
+    assert with_ts[3] == special.timestamp_begin and with_ts[-2] == special.timestamp_begin + 150  # 3.00 s
+    assert with_ts[-1] == special.eot
+    assert tokenizer.decode(with_ts[4:-2]).strip() == "Restart Zorvex now."
+    plain = target_tokens(tokenizer, special, example, timestamps=False)
+    assert plain[3] == special.no_timestamps and plain[-1] == special.eot
+
+
+def test_split_is_deterministic_and_frozen(tmp_path):
+    tasks = list(range(1, 401))
+    first = {t: heldout_by_hash(5, t, 0.2) for t in tasks}
+    assert first == {t: heldout_by_hash(5, t, 0.2) for t in tasks}
+    assert 0.14 < sum(first.values()) / len(tasks) < 0.26
+    ledger = Ledger(tmp_path / "l.db")
+    splits = frozen_splits(ledger, 5, tasks[:200], 0.2)
+    # the fraction changes later: what was held out stays held out, what was trained on stays train
+    later = frozen_splits(ledger, 5, tasks, 0.5)
+    assert all(later[t] == splits[t] for t in tasks[:200])
+    assert {later[t] for t in tasks[200:]} == {HELDOUT, TRAIN}
+
+
+def test_lora_arguments_come_from_settings(settings):
+    s = replace(settings, lora_r=8, train_epochs=3)
+    args = LoraArguments.from_settings(s, epochs=7, learning_rate=None)
+    assert (args.r, args.epochs, args.learning_rate) == (8, 7, s.train_learning_rate)
+
+
+def test_recovery_requeues_a_job_whose_worker_died_then_fails_it(tmp_path, settings, monkeypatch):
+    from loopscribe import jobs
+
+    s = replace(settings, home=tmp_path, train_max_attempts=2)
+    ledger = Ledger(s.ledger_path)
+    job, _ = ledger.request_training(4, "cli")
+    dead = f"{socket.gethostname()}:999999"  # no such pid
+    ledger.claim(job.id, dead)
+    sent = []
+    assert jobs.recover_jobs(s, sent.append) == [(job.id, "queued")] and sent == [job.id]
+    ledger.claim(job.id, dead)
+    ledger.progress(job.id, stage="training", step=7, total_steps=80)
+    assert jobs.recover_jobs(s, sent.append) == [(job.id, "failed")]
+    assert "stopped during step 7/80 (attempt 2 of 2)" in ledger.job(job.id).reason
+    alive = ledger.request_training(4, "cli")[0]
+    ledger.claim(alive.id, jobs.worker_id())  # this process: alive, left alone
+    assert jobs.recover_jobs(s, sent.append, on_start=True) == []

@@ -1,0 +1,52 @@
+"""Held-out evaluation: WER (CER for languages without spaces) after Whisper normalization."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+from ml_backend.text import CHARACTER_LANGUAGES
+
+from .lora import Example
+from .metrics import corpus_error_rate
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    model_version: str
+    items: int
+    error_rate: float  # words, or characters for zh/ja/…, over the whole split: the gate compares this
+    wer: float | None  # languages written with spaces
+    cer: float | None  # languages written without
+    by_language: dict[str, float] = field(default_factory=dict)
+    examples: list[dict] = field(default_factory=list)  # task, reference, hypothesis, languages
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluate(engine, examples: Sequence[Example]) -> EvalReport:
+    """Transcribe the held-out clips as serving would (language detected) and score against annotations."""
+    clips = [e.audio for e in examples]
+    hyps = engine.transcribe(clips) if clips else []
+    refs = [e.text for e in examples]
+    langs = [e.language or h.language for e, h in zip(examples, hyps)]
+    texts = [h.text for h in hyps]
+
+    def subset(pick) -> float | None:
+        idx = [i for i, lang in enumerate(langs) if pick(lang)]
+        if not idx:
+            return None
+        return corpus_error_rate([refs[i] for i in idx], [texts[i] for i in idx], [langs[i] for i in idx])
+
+    by_language = {lang: subset(lambda x, lang=lang: x == lang) for lang in sorted(set(langs))}
+    return EvalReport(
+        model_version=engine.model_version,
+        items=len(examples),
+        error_rate=corpus_error_rate(refs, texts, langs) if examples else float("nan"),
+        wer=subset(lambda x: x not in CHARACTER_LANGUAGES),
+        cer=subset(lambda x: x in CHARACTER_LANGUAGES),
+        by_language={k: v for k, v in by_language.items() if v is not None},
+        examples=[{"task": e.task, "reference": r, "hypothesis": h.text, "language": lang,
+                   "detected_language": h.language} for e, r, h, lang in zip(examples, refs, hyps, langs)],
+    )

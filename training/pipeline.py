@@ -1,0 +1,133 @@
+"""One retraining round: Label Studio export → frozen split → LoRA → held-out WER gate → registry.
+
+Every round trains a fresh adapter on the base model from *all* annotated training data
+so far (corrections and verified accepts), so earlier corrections are never forgotten;
+``parent`` records which version was live when it was trained. The candidate goes live
+only if it beats the live model on the frozen held-out split by ``PROMOTE_MIN_GAIN``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+from ml_backend.model_store import resolve, resolve_base
+from ml_backend.registry import ModelVersion, Registry
+from ml_backend.settings import Settings
+
+from .dataset import HELDOUT, AudioCache, export_annotated, frozen_splits, load_examples
+from .evaluate import EvalReport, evaluate
+from .lora import LoraArguments, train_lora
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainingOutcome:
+    state: str  # promoted | rejected
+    version: str | None
+    reason: str
+    train_size: int
+    heldout_size: int
+    before: EvalReport | None
+    after: EvalReport | None
+    seconds: float
+
+    def summary(self) -> str:
+        if self.before is None or self.after is None:
+            return f"{self.state}: {self.reason}"
+        return (f"{self.state} {self.version}: held-out error {self.before.error_rate:.3f} → "
+                f"{self.after.error_rate:.3f} on {self.heldout_size} items ({self.reason})")
+
+
+def _adapter_digest(adapter_dir: Path) -> str:
+    digest = hashlib.sha256()
+    for f in sorted(adapter_dir.glob("*.safetensors")):
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:8]
+
+
+def run_training(
+    settings: Settings,
+    ls,
+    ledger,
+    project: int,
+    live_engine,
+    *,
+    params: dict | None = None,
+    on_progress: Callable[..., None] = lambda **_: None,
+    progress: bool = True,
+) -> TrainingOutcome:
+    """Train, evaluate and gate one candidate for ``project``; ``live_engine`` is the model serving now."""
+    started = time.perf_counter()
+    params = dict(params or {})
+    registry = Registry(settings.home)
+
+    on_progress(stage="exporting")
+    config, annotated = export_annotated(ls, project)
+    splits = frozen_splits(ledger, project, [t.task for t in annotated], settings.heldout_fraction)
+    examples, failed = load_examples(AudioCache(settings), config, annotated)
+    train = [e for e in examples if splits[e.task] != HELDOUT]
+    heldout = [e for e in examples if splits[e.task] == HELDOUT]
+    log.info("project %s: %d annotated tasks → %d train, %d held out, %d without audio",
+             project, len(annotated), len(train), len(heldout), len(failed))
+    if not train:
+        raise ValueError(f"project {project} has no annotated training tasks ({len(heldout)} held out)")
+
+    base = resolve_base(settings)
+    live = resolve(settings)
+    args = LoraArguments.from_settings(settings, **{k: params[k] for k in ("epochs", "learning_rate", "r", "alpha")
+                                                     if k in params})
+    work = Path(tempfile.mkdtemp(prefix="train-", dir=settings.home))
+    try:
+        on_progress(stage="training", step=0)
+        result = train_lora(base.path, train, args, work / "adapter", progress=progress,
+                            on_step=lambda p: on_progress(stage="training", step=p.step, total_steps=p.total_steps,
+                                                          loss=p.loss, eta_s=p.eta_s))
+        serial = len(registry.list()) + 1
+        version = f"{base.version}-lora{serial:03d}-{_adapter_digest(result.adapter_dir)}"
+        candidate = replace(base, version=version, adapter=str(result.adapter_dir), base_version=base.version)
+
+        on_progress(stage="evaluating live model")
+        before = evaluate(live_engine, heldout)
+        on_progress(stage="evaluating candidate")
+        from ml_backend.engine import WhisperEngine
+
+        after = evaluate(WhisperEngine(settings, resolved=candidate), heldout)
+
+        gain = before.error_rate - after.error_rate if heldout else float("nan")
+        if len(heldout) < settings.heldout_min_items:
+            promote, reason = False, (f"held-out split has {len(heldout)} items, fewer than "
+                                      f"HELDOUT_MIN_ITEMS={settings.heldout_min_items}: nothing to measure")
+        elif gain >= settings.promote_min_gain:
+            promote, reason = True, f"gain {gain:.3f} ≥ PROMOTE_MIN_GAIN {settings.promote_min_gain}"
+        else:
+            promote, reason = False, f"gain {gain:.3f} < PROMOTE_MIN_GAIN {settings.promote_min_gain}"
+
+        info = ModelVersion(
+            version=version, base_version=base.version, base_model=base.path, parent=live.version,
+            project=project, created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            train_size=len(train), heldout_size=len(heldout),
+            error_before=before.error_rate if heldout else None, error_after=after.error_rate if heldout else None,
+            params=args.to_dict() | {"steps": result.steps, "final_loss": result.final_loss,
+                                     "train_seconds": round(result.seconds, 1), "device": result.device,
+                                     "peak_memory_mb": result.peak_memory_mb},
+            report={"decision": reason, "before": before.to_dict(), "after": after.to_dict(),
+                    "audio_failed": failed},
+        )
+        registry.add(info, result.adapter_dir)
+        if promote:
+            registry.promote(version, base.version)
+        else:
+            registry.update(version, status="rejected")
+        log.info("%s %s: %s", "promoted" if promote else "rejected", version, reason)
+        return TrainingOutcome("promoted" if promote else "rejected", version, reason, len(train), len(heldout),
+                               before, after, time.perf_counter() - started)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
