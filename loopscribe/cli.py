@@ -9,6 +9,7 @@
     loopscribe predict --project N [--all|--missing] [--queue]
     loopscribe train --project N [--epochs E] [--wait]
     loopscribe models list | show V | promote V | rollback [--to V]
+    loopscribe export --project N --format hf|nemo|jsonl|srt|vtt --out DIR [filters]
 """
 
 from __future__ import annotations
@@ -284,6 +285,35 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    import time
+
+    from training.export import ExportError, ExportOptions, export_project
+
+    from . import labelstudio
+
+    languages = tuple(code.strip() for value in args.language or [] for code in value.split(",") if code.strip())
+    try:
+        options = ExportOptions(
+            format=args.format, only_corrected=args.only_corrected, only_verified=args.only_verified,
+            include_predictions=args.include_predictions, split=args.split, min_duration=args.min_duration,
+            max_duration=args.max_duration, languages=languages, overwrite=args.overwrite)
+        start = time.perf_counter()
+        report = export_project(settings, labelstudio.client(settings), args.project, args.out, options,
+                                progress=not args.quiet)
+    except ExportError as exc:
+        print(f"loopscribe: error: {exc}", file=sys.stderr)
+        return 2
+    splits = ", ".join(f"{n} {s}" for s, n in sorted(report.by_split.items())) or "nothing"
+    print(f"exported {report.exported} utterances ({splits}; {report.audio_seconds / 60:.1f} min of audio) "
+          f"as {report.format} to {report.out} in {time.perf_counter() - start:.1f} s")
+    if report.skipped:
+        print("filtered out: " + ", ".join(f"{n} {why}" for why, n in sorted(report.skipped.items())))
+    for task, reason in sorted(report.failed.items()):
+        print(f"task {task}: audio failed: {reason}", file=sys.stderr)
+    return 0
+
+
 def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     from . import labelstudio
 
@@ -400,6 +430,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, help="override TRAIN_LEARNING_RATE for this job")
     p.add_argument("--wait", action="store_true", help="follow the job until it ends")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("export", help="write the project's annotated data set (hf, nemo, jsonl, srt, vtt)")
+    p.add_argument("--project", type=int, required=True)
+    p.add_argument("--format", required=True, choices=("hf", "nemo", "jsonl", "srt", "vtt"))
+    p.add_argument("--out", type=Path, required=True, help="output directory (written atomically)")
+    p.add_argument("--only-corrected", action="store_true", help="only annotations that changed the prediction")
+    p.add_argument("--only-verified", action="store_true", help="only annotations that accepted it unchanged")
+    p.add_argument("--include-predictions", action="store_true",
+                   help="also unannotated tasks, with the model's transcript (origin: model)")
+    p.add_argument("--split", choices=("train", "heldout", "all"), default="all",
+                   help="the frozen split training uses (default: all)")
+    p.add_argument("--min-duration", type=float, metavar="SECONDS")
+    p.add_argument("--max-duration", type=float, metavar="SECONDS")
+    p.add_argument("--language", action="append", metavar="CODES", help="only these languages, e.g. en,de")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_export)
     models = sub.add_parser("models", help="the model registry").add_subparsers(dest="models_command", required=True)
     models.add_parser("list", help="versions with status, parent and held-out error").set_defaults(func=cmd_models)
     p = models.add_parser("show", help="one version's metadata and evaluation report")

@@ -56,3 +56,12 @@ def extract(result: list[dict] | None, config: TranscriptionConfig | None = None
             if language:
                 break
     return Labeled(" ".join(text.split()), language)
+
+
+def classify(human: Labeled, predicted: Labeled | None) -> str:
+    """``correction`` when the human result adds information (differs from the prediction, or had none),
+    ``verified`` when it accepts the prediction unchanged (after normalization)."""
+    if predicted is None:
+        return "correction" if human.text else "verified"  # written from scratch: new information
+    same = human.same_as(Labeled(predicted.text, predicted.language or human.language))
+    return "verified" if same else "correction"

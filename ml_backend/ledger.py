@@ -24,7 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterator
 
-from .annotations import Labeled, extract
+from .annotations import classify, extract
 from .label_config import LabelConfigError, parse_label_config
 
 ANNOTATION_ACTIONS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED"}
@@ -178,11 +178,8 @@ class Ledger:
         predicted = extract(prediction.get("result"), config) if prediction.get("result") else None
         if annotation.get("was_cancelled"):
             kind = "cancelled"
-        elif predicted is None:
-            kind = "correction" if human.text else "verified"  # written from scratch: new information
         else:
-            kind = "verified" if human.same_as(Labeled(predicted.text, predicted.language or human.language)) \
-                else "correction"
+            kind = classify(human, predicted)
         return {
             "kind": kind, "text": human.text, "language": human.language,
             "predicted_text": predicted.text if predicted else None,

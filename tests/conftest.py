@@ -70,11 +70,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_stack(settings: Settings, tmp_path_factory, env: dict[str, str] | None = None):
+def running_stack(settings: Settings, tmp_path_factory, env: dict[str, str] | None = None,
+                  label_studio_only: bool = False):
     """Label Studio + backend + worker on free loopback ports in a scratch home sharing the installed models.
 
     ``env`` adds settings (e.g. ``RETRAIN_MIN_CORRECTIONS``) for the backend and the worker; they are
     also set in this process while the stack runs, so in-process helpers read the same values.
+    ``label_studio_only`` starts Label Studio alone (for tests that need no backend).
     Yields ``(settings, paths, env_file)``.
     """
     from loopscribe import stack
@@ -94,8 +96,9 @@ def running_stack(settings: Settings, tmp_path_factory, env: dict[str, str] | No
             mp.setenv(key, value)
         try:
             stack.start_label_studio(values, paths)
-            stack.start_backend(values, s, paths)
-            stack.start_worker(values, s, paths)
+            if not label_studio_only:
+                stack.start_backend(values, s, paths)
+                stack.start_worker(values, s, paths)
             yield s, paths, env_file
         finally:
             stack.stop(paths)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ml_backend.annotations import extract
+from ml_backend.annotations import classify, extract
 from ml_backend.audio import AudioDecodeError
 from ml_backend.fetch import AudioFetcher, AudioFetchError, load_task_audio
 from ml_backend.label_config import TranscriptionConfig, parse_label_config
@@ -26,49 +26,90 @@ HELDOUT, TRAIN = "heldout", "train"
 
 @dataclass(frozen=True)
 class AnnotatedTask:
-    """A task's newest submitted (not cancelled) annotation, read with the project's config."""
+    """A task's newest submitted (not cancelled) annotation, read with the project's config.
+
+    ``origin`` is ``correction`` (differs from the prediction it started from, or had none),
+    ``verified`` (an unchanged accept) or ``model`` (no annotation: the model's prediction,
+    only when asked for by an export).
+    """
 
     task: int
     data: dict = field(repr=False)
     text: str
     language: str | None
-    annotation: int
+    annotation: int | None
     annotator: str | None
     predicted_text: str | None
     predicted_language: str | None
     prediction_score: float | None
     model_version: str | None
+    origin: str = "correction"
+
+    @property
+    def duration(self) -> float | None:
+        value = self.data.get("duration")
+        return float(value) if isinstance(value, (int, float, str)) and str(value) else None
+
+
+def project_export(ls, project: int, *, all_tasks: bool = False) -> tuple[TranscriptionConfig, list[dict]]:
+    """The project's parsed config and Label Studio's JSON export (annotated tasks, or all of them)."""
+    config = parse_label_config(ls.projects.get(id=project).label_config)
+    raw = b"".join(ls.projects.exports.download_sync(project, export_type="JSON", download_all_tasks=all_tasks,
+                                                     download_resources=False))
+    tasks = json.loads(raw or b"[]")
+    if all_tasks:  # the JSON export names predictions by id only; the task list carries them whole
+        predictions = {t.id: [{"id": p.id, "result": p.result, "score": p.score, "model_version": p.model_version,
+                               "created_at": str(p.created_at or "")} for p in t.predictions or []]
+                       for t in ls.tasks.list(project=project, fields="all")}
+        for task in tasks:
+            task["predictions"] = predictions.get(task["id"], [])
+    return config, tasks
+
+
+def _annotator(ann: dict) -> str | None:
+    who = ann.get("completed_by")
+    if isinstance(who, dict):
+        who = who.get("email") or who.get("id")
+    return str(who) if who is not None else None
+
+
+def annotated(task: dict, config: TranscriptionConfig, *, with_predictions: bool = False) -> AnnotatedTask | None:
+    """The task's newest submitted annotation; without one, its newest prediction if asked for, else None."""
+    submitted = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
+    if not submitted:
+        predictions = [p for p in task.get("predictions") or [] if isinstance(p, dict) and p.get("result")]
+        if not with_predictions or not predictions:
+            return None
+        newest = max(predictions, key=lambda p: (p.get("created_at") or "", p.get("id") or 0))
+        model = extract(newest["result"], config)
+        if not model.text:
+            return None
+        return AnnotatedTask(
+            task=int(task["id"]), data=task.get("data") or {}, text=model.text, language=model.language,
+            annotation=None, annotator=None, predicted_text=model.text, predicted_language=model.language,
+            prediction_score=newest.get("score"), model_version=newest.get("model_version"), origin="model")
+    ann = max(submitted, key=lambda a: (a.get("updated_at") or "", a.get("id") or 0))
+    human = extract(ann.get("result"), config)
+    prediction = ann.get("prediction") or {}
+    predicted = extract(prediction.get("result"), config) if prediction.get("result") else None
+    if not human.text:
+        log.info("task %s: annotation %s has no transcript; skipped", task["id"], ann.get("id"))
+        return None
+    language = human.language or (predicted.language if predicted else None)
+    return AnnotatedTask(
+        task=int(task["id"]), data=task.get("data") or {}, text=human.text, language=language,
+        annotation=int(ann["id"]), annotator=_annotator(ann),
+        predicted_text=predicted.text if predicted else None,
+        predicted_language=predicted.language if predicted else None,
+        prediction_score=prediction.get("score"), model_version=prediction.get("model_version"),
+        origin=classify(human, predicted),
+    )
 
 
 def export_annotated(ls, project: int) -> tuple[TranscriptionConfig, list[AnnotatedTask]]:
     """Label Studio's JSON export of annotated tasks, one :class:`AnnotatedTask` each."""
-    config = parse_label_config(ls.projects.get(id=project).label_config)
-    raw = b"".join(ls.projects.exports.download_sync(project, export_type="JSON", download_all_tasks=False,
-                                                     download_resources=False))
-    out = []
-    for task in json.loads(raw or b"[]"):
-        submitted = [a for a in task.get("annotations") or [] if not a.get("was_cancelled")]
-        if not submitted:
-            continue
-        ann = max(submitted, key=lambda a: (a.get("updated_at") or "", a.get("id") or 0))
-        human = extract(ann.get("result"), config)
-        prediction = ann.get("prediction") or {}
-        predicted = extract(prediction.get("result"), config) if prediction.get("result") else None
-        if not human.text:
-            log.info("task %s: annotation %s has no transcript; skipped", task["id"], ann.get("id"))
-            continue
-        annotator = ann.get("completed_by")
-        if isinstance(annotator, dict):
-            annotator = annotator.get("email") or annotator.get("id")
-        out.append(AnnotatedTask(
-            task=int(task["id"]), data=task.get("data") or {}, text=human.text,
-            language=human.language or (predicted.language if predicted else None),
-            annotation=int(ann["id"]), annotator=str(annotator) if annotator is not None else None,
-            predicted_text=predicted.text if predicted else None,
-            predicted_language=predicted.language if predicted else None,
-            prediction_score=prediction.get("score"), model_version=prediction.get("model_version"),
-        ))
-    return config, out
+    config, raw = project_export(ls, project)
+    return config, [a for task in raw if (a := annotated(task, config)) is not None]
 
 
 def heldout_by_hash(project: int, task: int, fraction: float) -> bool:
