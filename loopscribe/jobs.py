@@ -37,9 +37,8 @@ STALE_HEARTBEAT_S = 900  # a running job silent this long (any host) is consider
 
 
 def open_queue(settings: Settings) -> Huey:
-    redis_url = os.environ.get("REDIS_URL")
-    if redis_url:
-        return RedisHuey("loopscribe", url=redis_url)
+    if settings.redis_url:
+        return RedisHuey("loopscribe", url=settings.redis_url)
     settings.home.mkdir(parents=True, exist_ok=True)
     return SqliteHuey("loopscribe", filename=str(settings.home / "queue.db"))
 
@@ -170,7 +169,7 @@ def request_training(settings: Settings, project: int, trigger: str = "cli", par
 
 def queue_status(settings: Settings) -> dict:
     queue = open_queue(settings)
-    return {"backend": "redis" if os.environ.get("REDIS_URL") else "sqlite", "pending": queue.pending_count(),
+    return {"backend": "redis" if settings.redis_url else "sqlite", "pending": queue.pending_count(),
             "scheduled": queue.scheduled_count()}
 
 

@@ -7,8 +7,9 @@ reference, ``.env`` and ``docker-compose.yml`` all name the same variables.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
+from typing import Any, Callable
 
 
 def _default_home() -> Path:
@@ -16,81 +17,88 @@ def _default_home() -> Path:
     return Path(xdg) / "loopscribe"
 
 
-def _env(name: str, default: str) -> str:
-    value = os.environ.get(name)
-    return default if value is None or value == "" else value
+def _flag(value: str) -> bool:
+    return value.lower() in {"1", "true", "yes", "on"}
 
 
-def _flag(name: str, default: bool) -> bool:
-    return _env(name, "1" if default else "0").lower() in {"1", "true", "yes", "on"}
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _url(value: str) -> str:
+    return value.rstrip("/")
+
+
+def setting(default: Any, env: str, help: str, *, secret: bool = False, parse: Callable[[str], Any] | None = None,
+            group: str = "serving") -> Any:
+    """A settings field: its environment variable, one line of help, and how to parse it."""
+    if parse is None:
+        parse = {bool: _flag, int: int, float: float, tuple: _names}.get(type(default), str)
+    meta = {"env": env, "help": help, "secret": secret, "parse": parse, "group": group}
+    if callable(default) and not isinstance(default, (str, tuple)):
+        return field(default_factory=default, repr=not secret, metadata=meta)
+    return field(default=default, repr=not secret, metadata=meta)
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Typed view of the environment. Construct with :meth:`from_env`."""
+    """Typed view of the environment. Construct with :meth:`from_env`; see :meth:`reference`."""
 
-    home: Path = field(default_factory=_default_home)
-    """LOOPSCRIBE_HOME: data root (models, caches, ledgers)."""
-    whisper_model: str = "base"
-    """WHISPER_MODEL: bundled name (``base``, ``tiny.en``), a local Whisper directory, or a hub id."""
-    device: str = "auto"
-    """WHISPER_DEVICE: ``auto`` (CUDA when present), ``cuda`` or ``cpu``."""
-    dtype: str = "auto"
-    """WHISPER_DTYPE: ``auto`` (bf16/fp16 on GPU, fp32 on CPU), ``float32``, ``float16``, ``bfloat16``."""
-    batch_size: int = 8
-    """WHISPER_BATCH_SIZE: utterances (≤30 s windows) decoded together."""
-    quantize: bool = False
-    """WHISPER_QUANTIZE: dynamic int8 quantization of Linear layers on CPU (faster; check WER)."""
-    cpu_threads: int = 0
-    """WHISPER_CPU_THREADS: torch intra-op threads on CPU; 0 keeps torch's default."""
-    cache_size: int = 2048
-    """WHISPER_CACHE_SIZE: transcriptions kept in memory, keyed by audio hash + model version + options."""
+    home: Path = setting(_default_home, "LOOPSCRIBE_HOME", "data root: models, registry, ledger, caches, job queue",
+                         parse=lambda v: Path(v).expanduser(), group="paths")
+    whisper_model: str = setting("base", "WHISPER_MODEL", "bundled name (`base`, `tiny.en`), a local Whisper "
+                                 "directory, or a hub id (only when online)", group="model")
+    device: str = setting("auto", "WHISPER_DEVICE", "`auto` (CUDA when present), `cuda` or `cpu`", group="model")
+    dtype: str = setting("auto", "WHISPER_DTYPE", "`auto` (bf16/fp16 on GPU, fp32 on CPU), `float32`, `float16`, "
+                         "`bfloat16`", group="model")
+    batch_size: int = setting(8, "WHISPER_BATCH_SIZE", "utterances (≤30 s windows) decoded together", group="model")
+    quantize: bool = setting(False, "WHISPER_QUANTIZE", "dynamic int8 quantization of Linear layers on CPU "
+                             "(faster; check WER with `loopscribe bench engine`)", group="model")
+    cpu_threads: int = setting(0, "WHISPER_CPU_THREADS", "torch intra-op threads on CPU; 0 keeps torch's default",
+                               group="model")
+    cache_size: int = setting(2048, "WHISPER_CACHE_SIZE", "transcriptions kept in memory, keyed by audio hash + "
+                              "model version + options", group="model")
 
-    label_studio_url: str = "http://127.0.0.1:8080"
-    """LABEL_STUDIO_URL: where the backend fetches task audio and pushes predictions."""
-    label_studio_api_key: str = field(default="", repr=False)
-    """LABEL_STUDIO_API_KEY: the backend's own token (legacy token or personal access token)."""
-    basic_auth_user: str = ""
-    """BASIC_AUTH_USER: when set with BASIC_AUTH_PASS, the backend requires HTTP basic auth."""
-    basic_auth_pass: str = field(default="", repr=False)
-    """BASIC_AUTH_PASS."""
-    webhook_secret: str = field(default="", repr=False)
-    """WEBHOOK_SECRET: when set, /webhook requires header ``X-Loopscribe-Secret`` with this value."""
-    allowed_audio_hosts: tuple[str, ...] = ()
-    """ALLOWED_AUDIO_HOSTS: comma-separated hosts audio may come from; Label Studio's host is always allowed."""
-    max_audio_bytes: int = 200 * 1024 * 1024
-    """MAX_AUDIO_BYTES: larger task audio is refused."""
-    max_audio_seconds: float = 3600.0
-    """MAX_AUDIO_SECONDS: longer task audio is refused."""
-    backend_url: str = "http://127.0.0.1:9090"
-    """BACKEND_URL: where Label Studio reaches this ML backend."""
+    label_studio_url: str = setting("http://127.0.0.1:8080", "LABEL_STUDIO_URL", "where the backend and worker "
+                                    "reach Label Studio (audio, predictions, exports)", parse=_url)
+    label_studio_api_key: str = setting("", "LABEL_STUDIO_API_KEY", "the backend's Label Studio token (legacy "
+                                        "token or personal access token)", secret=True)
+    basic_auth_user: str = setting("", "BASIC_AUTH_USER", "with BASIC_AUTH_PASS: the backend requires HTTP basic "
+                                   "auth (Label Studio sends it)")
+    basic_auth_pass: str = setting("", "BASIC_AUTH_PASS", "password for BASIC_AUTH_USER", secret=True)
+    webhook_secret: str = setting("", "WEBHOOK_SECRET", "when set, /webhook requires header "
+                                  "`X-Loopscribe-Secret` with this value", secret=True)
+    allowed_audio_hosts: tuple[str, ...] = setting((), "ALLOWED_AUDIO_HOSTS", "comma-separated hosts task audio "
+                                                   "may come from; Label Studio's own host is always allowed")
+    max_audio_bytes: int = setting(200 * 1024 * 1024, "MAX_AUDIO_BYTES", "larger task audio is refused")
+    max_audio_seconds: float = setting(3600.0, "MAX_AUDIO_SECONDS", "longer task audio is refused")
+    backend_url: str = setting("http://127.0.0.1:9090", "BACKEND_URL", "where Label Studio reaches the ML backend "
+                               "(and its /webhook)", parse=_url)
+    redis_url: str = setting("", "REDIS_URL", "job queue on Redis (workers on several machines); empty: SQLite "
+                             "queue in LOOPSCRIBE_HOME (one machine)", secret=True, group="training")
 
-    retrain_min_corrections: int = 50
-    """RETRAIN_MIN_CORRECTIONS: corrections since the last training that queue a job (0: only on request)."""
-    promote_min_gain: float = 0.01
-    """PROMOTE_MIN_GAIN: a candidate goes live only if its held-out error rate is lower by at least this (absolute)."""
-    heldout_fraction: float = 0.2
-    """HELDOUT_FRACTION: share of annotated tasks frozen into the held-out split (by a hash of the task id)."""
-    heldout_min_items: int = 4
-    """HELDOUT_MIN_ITEMS: fewer held-out items than this and no candidate is promoted (nothing to measure)."""
-    lora_r: int = 32
-    """LORA_R: LoRA rank (peft's Whisper recipe: 32)."""
-    lora_alpha: int = 64
-    """LORA_ALPHA: LoRA scaling (recipe: 64)."""
-    lora_dropout: float = 0.05
-    """LORA_DROPOUT: dropout on the LoRA path (recipe: 0.05)."""
-    lora_target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    """LORA_TARGET_MODULES: comma-separated module names that get adapters (recipe: q_proj,v_proj)."""
-    lora_encoder: bool = False
-    """LORA_ENCODER: adapt the encoder too (acoustics: accents, noise); off = decoder only, 5-10x faster on CPU."""
-    train_epochs: int = 5
-    """TRAIN_EPOCHS: passes over the training split."""
-    train_learning_rate: float = 1e-3
-    """TRAIN_LEARNING_RATE: AdamW learning rate (recipe: 1e-3), linear decay after warm-up."""
-    train_batch_size: int = 8
-    """TRAIN_BATCH_SIZE: utterances per optimizer step."""
-    train_max_attempts: int = 2
-    """TRAIN_MAX_ATTEMPTS: a job whose worker died is run again until this many attempts, then failed."""
+    retrain_min_corrections: int = setting(50, "RETRAIN_MIN_CORRECTIONS", "corrections since the last training "
+                                           "that queue a job (0: only on request)", group="training")
+    promote_min_gain: float = setting(0.01, "PROMOTE_MIN_GAIN", "a candidate goes live only if its held-out error "
+                                      "rate is lower by at least this (absolute)", group="training")
+    heldout_fraction: float = setting(0.2, "HELDOUT_FRACTION", "share of annotated tasks frozen into the held-out "
+                                      "split (by a hash of project and task id)", group="training")
+    heldout_min_items: int = setting(4, "HELDOUT_MIN_ITEMS", "fewer held-out items than this and no candidate is "
+                                     "promoted (nothing to measure)", group="training")
+    lora_r: int = setting(32, "LORA_R", "LoRA rank (peft's Whisper recipe: 32)", group="training")
+    lora_alpha: int = setting(64, "LORA_ALPHA", "LoRA scaling (recipe: 64)", group="training")
+    lora_dropout: float = setting(0.05, "LORA_DROPOUT", "dropout on the LoRA path (recipe: 0.05)", group="training")
+    lora_target_modules: tuple[str, ...] = setting(("q_proj", "v_proj"), "LORA_TARGET_MODULES", "comma-separated "
+                                                   "module names that get adapters (recipe: q_proj,v_proj)",
+                                                   group="training")
+    lora_encoder: bool = setting(False, "LORA_ENCODER", "adapt the encoder too (accents, noise); off: decoder only, "
+                                 "5-10x faster on CPU", group="training")
+    train_epochs: int = setting(5, "TRAIN_EPOCHS", "passes over the training split", group="training")
+    train_learning_rate: float = setting(1e-3, "TRAIN_LEARNING_RATE", "AdamW learning rate (recipe: 1e-3), linear "
+                                         "decay after warm-up", group="training")
+    train_batch_size: int = setting(8, "TRAIN_BATCH_SIZE", "utterances per optimizer step", group="training")
+    train_max_attempts: int = setting(2, "TRAIN_MAX_ATTEMPTS", "a job whose worker died is run again until this many "
+                                      "attempts, then failed with the reason", group="training")
 
     @property
     def models_dir(self) -> Path:
@@ -101,45 +109,48 @@ class Settings:
         return self.home / "ledger.db"
 
     @classmethod
-    def from_env(cls) -> "Settings":
-        defaults = cls()
-        return cls(
-            home=Path(_env("LOOPSCRIBE_HOME", str(defaults.home))).expanduser(),
-            whisper_model=_env("WHISPER_MODEL", defaults.whisper_model),
-            device=_env("WHISPER_DEVICE", defaults.device),
-            dtype=_env("WHISPER_DTYPE", defaults.dtype),
-            batch_size=int(_env("WHISPER_BATCH_SIZE", str(defaults.batch_size))),
-            quantize=_flag("WHISPER_QUANTIZE", defaults.quantize),
-            cpu_threads=int(_env("WHISPER_CPU_THREADS", str(defaults.cpu_threads))),
-            cache_size=int(_env("WHISPER_CACHE_SIZE", str(defaults.cache_size))),
-            label_studio_url=_env("LABEL_STUDIO_URL", defaults.label_studio_url).rstrip("/"),
-            label_studio_api_key=_env("LABEL_STUDIO_API_KEY", ""),
-            basic_auth_user=_env("BASIC_AUTH_USER", ""),
-            basic_auth_pass=_env("BASIC_AUTH_PASS", ""),
-            webhook_secret=_env("WEBHOOK_SECRET", ""),
-            allowed_audio_hosts=tuple(h.strip() for h in _env("ALLOWED_AUDIO_HOSTS", "").split(",") if h.strip()),
-            max_audio_bytes=int(_env("MAX_AUDIO_BYTES", str(defaults.max_audio_bytes))),
-            max_audio_seconds=float(_env("MAX_AUDIO_SECONDS", str(defaults.max_audio_seconds))),
-            backend_url=_env("BACKEND_URL", defaults.backend_url).rstrip("/"),
-            retrain_min_corrections=int(_env("RETRAIN_MIN_CORRECTIONS", str(defaults.retrain_min_corrections))),
-            promote_min_gain=float(_env("PROMOTE_MIN_GAIN", str(defaults.promote_min_gain))),
-            heldout_fraction=float(_env("HELDOUT_FRACTION", str(defaults.heldout_fraction))),
-            heldout_min_items=int(_env("HELDOUT_MIN_ITEMS", str(defaults.heldout_min_items))),
-            lora_r=int(_env("LORA_R", str(defaults.lora_r))),
-            lora_alpha=int(_env("LORA_ALPHA", str(defaults.lora_alpha))),
-            lora_dropout=float(_env("LORA_DROPOUT", str(defaults.lora_dropout))),
-            lora_target_modules=tuple(m.strip() for m in _env("LORA_TARGET_MODULES", ",".join(
-                defaults.lora_target_modules)).split(",") if m.strip()),
-            lora_encoder=_flag("LORA_ENCODER", defaults.lora_encoder),
-            train_epochs=int(_env("TRAIN_EPOCHS", str(defaults.train_epochs))),
-            train_learning_rate=float(_env("TRAIN_LEARNING_RATE", str(defaults.train_learning_rate))),
-            train_batch_size=int(_env("TRAIN_BATCH_SIZE", str(defaults.train_batch_size))),
-            train_max_attempts=int(_env("TRAIN_MAX_ATTEMPTS", str(defaults.train_max_attempts))),
-        )
+    def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
+        """Each field from its environment variable; unset or empty keeps the default."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            raw = environ.get(f.metadata["env"])
+            if raw is not None and raw != "":
+                try:
+                    values[f.name] = f.metadata["parse"](raw)
+                except ValueError as exc:
+                    raise ValueError(f"{f.metadata['env']}={raw!r} is not valid: {exc}") from None
+        return cls(**values)
+
+    @classmethod
+    def reference(cls) -> list[dict[str, str]]:
+        """Every setting: environment variable, default, meaning, group (the README's reference table)."""
+        rows = []
+        for f in fields(cls):
+            default = _default_of(f)
+            if isinstance(default, tuple):
+                default = ",".join(default)
+            elif isinstance(default, bool):
+                default = "1" if default else "0"
+            rows.append({"env": f.metadata["env"], "default": str(default), "help": f.metadata["help"],
+                         "group": f.metadata["group"], "secret": f.metadata["secret"]})
+        return rows
+
+    @classmethod
+    def env_names(cls) -> list[str]:
+        return [f.metadata["env"] for f in fields(cls)]
 
     def describe(self) -> dict[str, str]:
         """Settings as printable strings, secrets masked."""
         return {
-            f.name: ("***" if getattr(self, f.name) else "") if not f.repr else str(getattr(self, f.name))
+            f.name: ("***" if getattr(self, f.name) else "") if f.metadata["secret"] else str(getattr(self, f.name))
             for f in fields(self)
         }
+
+
+def _default_of(f: Field) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.name == "home":
+        return "$XDG_DATA_HOME/loopscribe (~/.local/share/loopscribe)"
+    return f.default_factory()  # type: ignore[misc]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -48,3 +49,23 @@ def test_model_list(engine):
     proc = run_cli("model", "list")
     assert proc.returncode == 0
     assert "base" in proc.stdout and engine.resolved.version in proc.stdout and "tiny.en" in proc.stdout
+
+
+def test_readme_configuration_table_is_the_generated_one():
+    """`loopscribe config --markdown` is pasted into the README; a new or changed setting must be documented."""
+    from loopscribe.cli import render_settings
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert render_settings("markdown") in readme
+
+
+def test_settings_parse_and_reject_bad_values():
+    from ml_backend.settings import Settings
+
+    s = Settings.from_env({"LORA_TARGET_MODULES": "q_proj, k_proj,", "LORA_ENCODER": "yes",
+                           "LABEL_STUDIO_URL": "http://ls:8080/", "TRAIN_EPOCHS": ""})
+    assert s.lora_target_modules == ("q_proj", "k_proj") and s.lora_encoder and s.label_studio_url == "http://ls:8080"
+    assert s.train_epochs == Settings().train_epochs  # empty keeps the default
+    with pytest.raises(ValueError, match="TRAIN_EPOCHS='five'"):
+        Settings.from_env({"TRAIN_EPOCHS": "five"})
+    assert "secret" not in repr(Settings.from_env({"WEBHOOK_SECRET": "secret", "REDIS_URL": "redis://:secret@r"}))
