@@ -257,3 +257,73 @@ def bench_retrain(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"restored live version {live_before}")
             ls.projects.delete(id=project)
     return 0
+
+
+def bench_export(args: argparse.Namespace, settings: Settings) -> int:
+    """Time ``loopscribe export`` on a generated project of N annotated tasks (needs ``loopscribe up``).
+
+    Clips are espeak-ng sentences in four languages, each task its own noisy variant (a fresh
+    noise seed: distinct audio, as a real project has), imported in bulk with an annotation and
+    a prediction each. Every format is exported in turn; the first export also fetches and
+    decodes the audio into the cache, so later formats show the warm-cache cost.
+    """
+    from ml_backend.label_config import parse_label_config
+    from training.export import ExportOptions, export_project
+
+    from . import labelstudio, stack
+    from .synth import SENTENCES, load, speak, with_noise, write_wav
+
+    ls = labelstudio.client(settings)
+    label_config = (Path(__file__).resolve().parents[1] / "label_config.xml").read_text()
+    config = parse_label_config(label_config)
+    project = ls.projects.create(title=f"bench export {time.strftime('%Y%m%d-%H%M%S')}",
+                                 label_config=label_config).id
+    media = stack.StackPaths(settings.home).media
+    clip_dir = media / f"project-{project}"
+    out_root = Path(args.out or settings.home / "cache" / f"bench-export-{project}")
+    try:
+        labelstudio.ensure_local_storage(ls, project, clip_dir)
+        voices = [(lang, text) for lang, texts in SENTENCES.items() for text in texts]
+        base = {}
+        for i, (lang, text) in enumerate(voices):
+            base[i] = (lang, text, load(speak(text, lang, settings.home / "cache" / "bench-export" / f"{i}.wav")))
+        start = time.perf_counter()
+        tasks = []
+        for n in range(args.tasks):
+            lang, text, audio = base[n % len(base)]
+            path = write_wav(with_noise(audio, snr_db=25, seed=n), clip_dir / f"clip-{n:05d}.wav")
+            result = [
+                {"from_name": config.transcript_name, "to_name": config.audio_name, "type": "textarea",
+                 "value": {"text": [text]}},
+                {"from_name": config.language_name, "to_name": config.audio_name, "type": "choices",
+                 "value": {"choices": [config.language_values[lang]]}},
+            ]
+            tasks.append({
+                "data": {"audio": f"/data/local-files/?d={path.relative_to(media)}", "source_file": str(path),
+                         "source_offset": 0.0, "duration": round(audio.size / 16_000, 3)},
+                "annotations": [{"result": result}],
+                "predictions": [{"result": result, "score": 0.5, "model_version": "bench"}],
+            })
+        for i in range(0, len(tasks), 250):
+            ls.projects.import_tasks(id=project, request=tasks[i : i + 250])
+        print(f"project {project}: {len(tasks)} annotated tasks generated and imported in "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
+        print(f"{'format':7s} {'tasks':>6s} {'audio min':>9s} {'seconds':>8s} {'tasks/s':>8s}")
+        for fmt in args.format or ["hf", "nemo", "jsonl", "srt"]:
+            t0 = time.perf_counter()
+            report = export_project(settings, ls, project, out_root / fmt, ExportOptions(format=fmt, overwrite=True),
+                                    progress=not args.quiet)
+            seconds = time.perf_counter() - t0
+            print(f"{fmt:7s} {report.exported:6d} {report.audio_seconds / 60:9.1f} {seconds:8.1f} "
+                  f"{report.exported / seconds:8.1f}" + (f"  ({len(report.failed)} failed)" if report.failed else ""),
+                  flush=True)
+    finally:
+        if not args.keep:
+            task_ids = [t.id for t in ls.tasks.list(project=project, fields="task_only")]
+            ls.projects.delete(id=project)
+            shutil.rmtree(clip_dir, ignore_errors=True)
+            shutil.rmtree(out_root, ignore_errors=True)
+            for task in task_ids:  # the export's audio cache entries
+                for f in (settings.home / "cache" / "audio").glob(f"{task}-*.npy"):
+                    f.unlink(missing_ok=True)
+    return 0

@@ -4,11 +4,14 @@
     loopscribe model list
     loopscribe transcribe [--json] [--task translate] [--language xx] FILE...
     loopscribe bench engine [--clips DIR] [--batch-size N] [--large-v3 DIR]
+    loopscribe bench export [--tasks 1000] [--format F]
     loopscribe up | down | status [--json]
     loopscribe import --project N [--storage local|upload] PATH...
     loopscribe predict --project N [--all|--missing] [--queue]
     loopscribe train --project N [--epochs E] [--wait]
     loopscribe models list | show V | promote V | rollback [--to V]
+    loopscribe project create --title T [--config XML]
+    loopscribe config [--markdown | --env-example]
     loopscribe export --project N --format hf|nemo|jsonl|srt|vtt --out DIR [filters]
 """
 
@@ -314,6 +317,52 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_project_create(args: argparse.Namespace, settings: Settings) -> int:
+    from ml_backend.label_config import parse_label_config
+
+    from . import labelstudio
+
+    config = (args.config or LABEL_CONFIG).read_text()
+    parse_label_config(config)  # a config the backend cannot serve fails here, with the reason
+    ls = labelstudio.client(settings)
+    project = labelstudio.find_or_create_project(ls, args.title, config)
+    ls.projects.update(id=project, sampling=labelstudio.UNCERTAINTY_SAMPLING)
+    labelstudio.connect_backend(ls, project, settings)
+    print(f"project {project} {args.title!r}: ML backend {settings.backend_url} connected, uncertainty sampling on;"
+          f" next: loopscribe import --project {project} FILES")
+    return 0
+
+
+def render_settings(fmt: str) -> str:
+    """The settings reference as a Markdown table, or as ``.env.example`` lines."""
+    rows = Settings.reference()
+    if fmt == "markdown":
+        lines = ["| variable | default | meaning |", "|---|---|---|"]
+        lines += [f"| `{r['env']}` | {('`' + r['default'] + '`') if r['default'] else '(empty)'} | {r['help']} |"
+                  for r in rows]
+        return "\n".join(lines) + "\n"
+    out, group = [], None
+    for r in rows:
+        if r["group"] != group:
+            group = r["group"]
+            out.append(f"\n# ---- {group} " + "-" * (60 - len(group)))
+        out.append(f"# {r['help']}")
+        out.append(f"{'' if r['secret'] else '# '}{r['env']}={'' if r['secret'] else r['default']}")
+    return "\n".join(out).lstrip("\n") + "\n"
+
+
+def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
+    if args.markdown:
+        print(render_settings("markdown"), end="")
+    elif args.env_example:
+        print(render_settings("env"), end="")
+    else:
+        values = settings.describe()
+        for row, value in zip(Settings.reference(), values.values()):
+            print(f"{row['env']}={value}")
+    return 0
+
+
 def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     from . import labelstudio
 
@@ -349,6 +398,12 @@ def cmd_bench_backend(args: argparse.Namespace, settings: Settings) -> int:
     from .bench import bench_backend
 
     return bench_backend(args, settings)
+
+
+def cmd_bench_export(args: argparse.Namespace, settings: Settings) -> int:
+    from .bench import bench_export
+
+    return bench_export(args, settings)
 
 
 def cmd_bench_retrain(args: argparse.Namespace, settings: Settings) -> int:
@@ -394,6 +449,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=10, help="requests (each with fresh audio)")
     p.add_argument("--keep", action="store_true", help="keep the bench project")
     p.set_defaults(func=cmd_bench_backend)
+    p = bench.add_parser("export", help="export time for a generated project of N annotated tasks (needs `up`)")
+    p.add_argument("--tasks", type=int, default=1000)
+    p.add_argument("--format", action="append", choices=("hf", "nemo", "jsonl", "srt", "vtt"),
+                   help="formats to time (repeatable; default hf, nemo, jsonl, srt)")
+    p.add_argument("--out", type=Path, help="where to write the exports (default: a scratch folder, removed)")
+    p.add_argument("--keep", action="store_true", help="keep the project and the exports")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_bench_export)
     p = bench.add_parser("retrain", help="time from queued training job to promoted model (needs `up`)")
     p.add_argument("--corrections", type=int, default=100, help="annotated tasks (made-up vocabulary)")
     p.add_argument("--epochs", type=int, help="override TRAIN_EPOCHS")
@@ -430,6 +493,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, help="override TRAIN_LEARNING_RATE for this job")
     p.add_argument("--wait", action="store_true", help="follow the job until it ends")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("project", help="Label Studio projects").add_subparsers(dest="project_command", required=True)
+    p = p.add_parser("create", help="create a project with the transcription config, connect the backend")
+    p.add_argument("--title", required=True)
+    p.add_argument("--config", type=Path, help="a label config XML (default: label_config.xml)")
+    p.set_defaults(func=cmd_project_create)
+    p = sub.add_parser("config", help="effective settings (secrets masked), or the settings reference")
+    p.add_argument("--markdown", action="store_true", help="the reference as a Markdown table (README)")
+    p.add_argument("--env-example", action="store_true", help="the reference as .env lines (.env.example)")
+    p.set_defaults(func=cmd_config)
     p = sub.add_parser("export", help="write the project's annotated data set (hf, nemo, jsonl, srt, vtt)")
     p.add_argument("--project", type=int, required=True)
     p.add_argument("--format", required=True, choices=("hf", "nemo", "jsonl", "srt", "vtt"))
