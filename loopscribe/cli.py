@@ -5,6 +5,8 @@
     loopscribe transcribe [--json] [--task translate] [--language xx] FILE...
     loopscribe bench engine [--clips DIR] [--batch-size N] [--large-v3 DIR]
     loopscribe bench export [--tasks 1000] [--format F]
+    loopscribe bench uncertainty [--vocabulary N] [--json FILE]
+    loopscribe bench loop [--rounds R] [--k K] [--strategy entropy|random]
     loopscribe up | down | status [--json]
     loopscribe import --project N [--storage local|upload] PATH...
     loopscribe predict --project N [--all|--missing] [--queue]
@@ -406,6 +408,18 @@ def cmd_bench_export(args: argparse.Namespace, settings: Settings) -> int:
     return bench_export(args, settings)
 
 
+def cmd_bench_loop(args: argparse.Namespace, settings: Settings) -> int:
+    from .bench_loop import bench_loop
+
+    return bench_loop(args, settings)
+
+
+def cmd_bench_uncertainty(args: argparse.Namespace, settings: Settings) -> int:
+    from .bench_uncertainty import bench_uncertainty
+
+    return bench_uncertainty(args, settings)
+
+
 def cmd_bench_retrain(args: argparse.Namespace, settings: Settings) -> int:
     from .bench import bench_retrain
 
@@ -449,6 +463,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=10, help="requests (each with fresh audio)")
     p.add_argument("--keep", action="store_true", help="keep the bench project")
     p.set_defaults(func=cmd_bench_backend)
+    p = bench.add_parser("loop", help="held-out WER vs corrections, entropy ranking vs random (needs `up`)")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--k", type=int, default=8, help="tasks annotated per round")
+    p.add_argument("--pool-domain", type=int, default=48, help="pool clips with invented product names")
+    p.add_argument("--heldout-domain", type=int, default=16, help="held-out clips with invented product names")
+    p.add_argument("--strategy", action="append", choices=("entropy", "random"), help="default: both")
+    p.add_argument("--seed", type=int, default=0, help="random strategy's seed")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="where loop.png and loop.json go")
+    p.add_argument("--keep", action="store_true", help="keep the scratch projects")
+    p.set_defaults(func=cmd_bench_loop)
+    p = bench.add_parser("uncertainty", help="how well each uncertainty signal finds utterances with errors")
+    p.add_argument("--vocabulary", type=int, default=24, help="clips with invented product names (default 24)")
+    p.add_argument("--json", type=Path, help="write per-utterance signals and errors here")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_bench_uncertainty)
     p = bench.add_parser("export", help="export time for a generated project of N annotated tasks (needs `up`)")
     p.add_argument("--tasks", type=int, default=1000)
     p.add_argument("--format", action="append", choices=("hf", "nemo", "jsonl", "srt", "vtt"),

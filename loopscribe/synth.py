@@ -140,3 +140,26 @@ def vocabulary_clips(out_dir: Path, count: int = 24, offset: int = 0) -> list[Sy
             speak(text, "en", path, **voice)
         clips.append(SynthClip(path, text, "en"))
     return clips
+
+
+# Recording conditions the domain clips cycle through: a domain word is only learnable from audio
+# that still carries it, so noise stays at or above 10 dB here (the hopeless cases are separate).
+CONDITIONS = [("clean", {}, None), ("snr15", {}, 15.0), ("fast", dict(speed=205), None), ("snr10", {}, 10.0)]
+
+
+def domain_clips(out_dir: Path, count: int, offset: int = 0) -> list[SynthClip]:
+    """:func:`vocabulary_clips` sentences recorded in varied conditions (clean, noisy, fast), deterministic."""
+    clean = vocabulary_clips(out_dir / "clean", count, offset)
+    clips = []
+    for i, clip in zip(range(offset, offset + count), clean):
+        name, voice, snr = CONDITIONS[i % len(CONDITIONS)]
+        path = out_dir / f"domain_{i:03d}_{name}.wav"
+        if not path.exists():
+            if voice:
+                speak(clip.text, "en", path, **voice)
+            elif snr is not None:
+                write_wav(with_noise(load(clip.path), snr_db=snr, seed=i), path)
+            else:
+                shutil.copyfile(clip.path, path)
+        clips.append(SynthClip(path, clip.text, "en"))
+    return clips

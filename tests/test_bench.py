@@ -1,0 +1,38 @@
+"""Benchmark arithmetic (the benchmarks themselves run against the live stack: README, Benchmarks)."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+from loopscribe.bench_loop import Curve
+from loopscribe.bench_uncertainty import score_signals
+
+
+def test_corrections_to_reach_interpolates_the_first_crossing():
+    curve = Curve("entropy", [(0, 0.6), (8, 0.4), (16, 0.2), (24, 0.3)])
+    assert curve.corrections_to_reach(0.6) == 0
+    assert curve.corrections_to_reach(0.3) == 12  # halfway between 8 (0.4) and 16 (0.2)
+    assert curve.corrections_to_reach(0.2) == 16
+    assert curve.corrections_to_reach(0.1) is None
+
+
+def _t(entropy: float, logprob: float, confidence: float):
+    u = SimpleNamespace(mean_entropy=entropy, max_entropy=entropy * 2, mean_logprob=logprob, no_speech_prob=0.0)
+    return SimpleNamespace(confidence=confidence, uncertainty=u)
+
+
+def test_a_signal_that_orders_errors_perfectly_scores_one():
+    errors = [0.0, 0.0, 0.2, 0.5, 1.0]
+    ts = [_t(e + 0.1, -e, 1 - e) for e in [0.0, 0.01, 0.2, 0.5, 1.0]]
+    scores = {s.signal: s for s in score_signals(ts, errors)}
+    for name in ("1 - confidence (served)", "mean entropy", "-mean logprob"):
+        assert math.isclose(scores[name].auroc, 1.0) and scores[name].spearman > 0.95
+    assert math.isnan(scores["no-speech prob"].spearman)  # constant: no ranking at all
+
+
+def test_a_reversed_signal_scores_below_chance():
+    errors = [0.0, 0.3, 0.6, 1.0]
+    ts = [_t(1 - e, e - 1, e) for e in errors]
+    scores = {s.signal: s for s in score_signals(ts, errors)}
+    assert scores["mean entropy"].spearman < -0.9 and scores["mean entropy"].auroc == 0.0
