@@ -35,7 +35,7 @@ from ml_backend.settings import Settings
 
 from .bench_uncertainty import hard_variants
 from .corpus import ReferenceClip, shared_clips
-from .synth import domain_clips, load
+from .synth import TEMPLATES, domain_clips, load, template_of
 
 STRATEGIES = ("entropy", "random")
 
@@ -56,22 +56,34 @@ class Curve:
         return None
 
 
+HELDOUT_TEMPLATES = 3  # the last sentence templates: held-out only, so held-out sentences are never trained on
+
+
 def loop_pool(cache: Path, pool_domain: int, heldout_domain: int) -> tuple[list[ReferenceClip], list[ReferenceClip]]:
-    """(pool, held-out), disjoint.
+    """(pool, held-out), disjoint down to the sentence.
 
     Pool: sentences with invented product names in varied conditions (what corrections can
     teach), every espeak sentence clean and slow (base Whisper mostly gets these right, so
     annotating them teaches little) and a few hopeless ones (0 dB noise, another language's
-    voice: wrong, and not learnable from a decoder adapter). Held-out: more product-name
-    sentences in the same conditions plus the real recordings (to see forgetting).
+    voice: wrong, and not learnable from a decoder adapter). Held-out: the same product names
+    in sentence templates the pool never uses, in the same conditions, plus the real
+    recordings (to see forgetting).
     """
-    domain = [ReferenceClip(c.path, c.text, c.language)
-              for c in domain_clips(cache / "domain", pool_domain + heldout_domain)]
+    heldout_templates = set(range(len(TEMPLATES) - HELDOUT_TEMPLATES, len(TEMPLATES)))
+    domain_pool: list[ReferenceClip] = []
+    domain_heldout: list[ReferenceClip] = []
+    index = 0
+    while len(domain_pool) < pool_domain or len(domain_heldout) < heldout_domain:
+        side = domain_heldout if template_of(index) in heldout_templates else domain_pool
+        if len(side) < (heldout_domain if side is domain_heldout else pool_domain):
+            c = domain_clips(cache / "domain", 1, offset=index)[0]
+            side.append(ReferenceClip(c.path, c.text, c.language))
+        index += 1
     variants = hard_variants(cache / "hard")
     easy = [c for c in variants if c.path.stem.endswith(("_clean", "_slow"))]
     hopeless = [c for c in variants if c.path.stem.endswith(("_snr0", "_voice")) and c.path.stem[2] == "0"]
     real = [c for c in shared_clips() if c.path.name != "mit_license_en_de.mp3"]  # 60 s: costly every round
-    return domain[:pool_domain] + easy + hopeless, domain[pool_domain:] + real
+    return domain_pool + easy + hopeless, domain_heldout + real
 
 
 def _next_tasks(settings: Settings, project: int, k: int) -> list[int]:

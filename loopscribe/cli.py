@@ -467,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--k", type=int, default=8, help="tasks annotated per round")
     p.add_argument("--pool-domain", type=int, default=48, help="pool clips with invented product names")
-    p.add_argument("--heldout-domain", type=int, default=16, help="held-out clips with invented product names")
+    p.add_argument("--heldout-domain", type=int, default=18, help="held-out clips with invented product names")
     p.add_argument("--strategy", action="append", choices=("entropy", "random"), help="default: both")
     p.add_argument("--seed", type=int, default=0, help="random strategy's seed")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="where loop.png and loop.json go")

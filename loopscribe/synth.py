@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -122,8 +123,21 @@ TEMPLATES = [
     "My favourite tool is {}.",
     "Can you check the {} logs today?",
     "The new {} release fixes the bug.",
+    "Our customers love the {} app.",
+    "Is {} running on the test machine?",
+    "I will ask the {} support desk.",
+    "The {} license expires next month.",
+    "Please add {} to the shopping list.",
+    "Yesterday {} crashed twice.",
+    "The {} meeting moved to Friday.",
+    "Download {} from the intranet.",
 ]
 VOICES = [dict(speed=150, pitch=50), dict(speed=130, pitch=35), dict(speed=170, pitch=65), dict(speed=140, pitch=45)]
+
+
+def template_of(index: int) -> int:
+    """Which of :data:`TEMPLATES` vocabulary sentence ``index`` uses (each word once per template)."""
+    return (index // len(VOCABULARY)) % len(TEMPLATES)
 
 
 def vocabulary_clips(out_dir: Path, count: int = 24, offset: int = 0) -> list[SynthClip]:
@@ -131,11 +145,11 @@ def vocabulary_clips(out_dir: Path, count: int = 24, offset: int = 0) -> list[Sy
     clips = []
     for i in range(offset, offset + count):
         word = VOCABULARY[i % len(VOCABULARY)]
-        template = TEMPLATES[(i // len(VOCABULARY)) % len(TEMPLATES)]
-        text = template.format(word)
-        path = out_dir / f"vocab_{i:03d}.wav"
+        text = TEMPLATES[template_of(i)].format(word)
         voice = dict(VOICES[i % len(VOICES)])
-        voice["speed"] += 6 * (i // (len(VOCABULARY) * len(TEMPLATES)))  # past 48 sentences: same words, new pace
+        voice["speed"] += 6 * (i // (len(VOCABULARY) * len(TEMPLATES)))  # past every sentence once: new pace
+        tag = hashlib.sha1(f"{text}|{sorted(voice.items())}".encode()).hexdigest()[:8]  # stale cache never matches
+        path = out_dir / f"vocab_{i:03d}_{tag}.wav"
         if not path.exists():
             speak(text, "en", path, **voice)
         clips.append(SynthClip(path, text, "en"))
@@ -153,7 +167,7 @@ def domain_clips(out_dir: Path, count: int, offset: int = 0) -> list[SynthClip]:
     clips = []
     for i, clip in zip(range(offset, offset + count), clean):
         name, voice, snr = CONDITIONS[i % len(CONDITIONS)]
-        path = out_dir / f"domain_{i:03d}_{name}.wav"
+        path = out_dir / f"domain_{i:03d}_{name}_{clip.path.stem.rsplit('_', 1)[-1]}.wav"
         if not path.exists():
             if voice:
                 speak(clip.text, "en", path, **voice)
