@@ -25,6 +25,9 @@ import logging
 import sys
 from pathlib import Path
 
+import httpx
+import requests
+
 from ml_backend.ledger import Ledger
 from ml_backend.model_store import resolve, resolve_base
 from ml_backend.registry import Registry, RegistryError
@@ -583,6 +586,16 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, ValueError, KeyError, RegistryError) as exc:
         print(f"loopscribe: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from label_studio_sdk.core.api_error import ApiError
+
+        if isinstance(exc, (ApiError, httpx.HTTPError, requests.RequestException)):  # Label Studio down or refusing
+            from .labelstudio import describe_error
+
+            print(f"loopscribe: error: Label Studio ({Settings.from_env().label_studio_url}): {describe_error(exc)}",
+                  file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from ml_backend.ledger import Ledger
 from ml_backend.live import LiveEngine
 from ml_backend.settings import Settings
 
+from .labelstudio import describe_error
 from .stack import process_alive
 
 log = logging.getLogger(__name__)
@@ -101,15 +102,6 @@ def run_training_job(job_id: int) -> dict:
         log.exception("training job %s failed", job.id)
         ledger.finish(job.id, "failed", reason=describe_error(exc))
         return {"job": job.id, "state": "failed", "reason": str(exc)}
-
-
-def describe_error(exc: Exception, limit: int = 400) -> str:
-    """A one-line reason: Label Studio API errors by status and body, not by their response headers."""
-    if hasattr(exc, "status_code") and hasattr(exc, "body"):
-        text = f"Label Studio answered {exc.status_code}: {exc.body}"
-    else:
-        text = f"{type(exc).__name__}: {exc}"
-    return " ".join(text.split())[:limit]
 
 
 def recover_jobs(settings: Settings, enqueue=None, *, on_start: bool = False) -> list[tuple[int, str]]:

@@ -38,6 +38,16 @@ def client(settings: Settings) -> LabelStudio:
     return LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key)
 
 
+def describe_error(exc: Exception, limit: int = 400) -> str:
+    """A one-line reason: Label Studio API errors by status and body, not by their response headers;
+    connection failures by what could not be reached."""
+    if hasattr(exc, "status_code") and hasattr(exc, "body"):
+        text = f"Label Studio answered {exc.status_code}: {exc.body}"
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())[:limit]
+
+
 def expand_paths(patterns: list[str]) -> list[Path]:
     """Files, folders (recursive, audio suffixes only) and globs, de-duplicated, in order."""
     found: dict[Path, None] = {}

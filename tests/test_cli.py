@@ -69,3 +69,14 @@ def test_settings_parse_and_reject_bad_values():
     with pytest.raises(ValueError, match="TRAIN_EPOCHS='five'"):
         Settings.from_env({"TRAIN_EPOCHS": "five"})
     assert "secret" not in repr(Settings.from_env({"WEBHOOK_SECRET": "secret", "REDIS_URL": "redis://:secret@r"}))
+
+
+def test_label_studio_down_is_one_clear_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "export"
+    env = {"PATH": "/usr/bin:/bin", "LOOPSCRIBE_HOME": str(tmp_path / "home"), "LABEL_STUDIO_URL": "http://127.0.0.1:9",
+           "LABEL_STUDIO_API_KEY": "x" * 40, "LOOPSCRIBE_ENV_FILE": str(tmp_path / "none.env")}
+    done = subprocess.run([sys.executable, "-m", "loopscribe.cli", "export", "--project", "1", "--format", "jsonl",
+                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "Label Studio (http://127.0.0.1:9)" in done.stderr and "ConnectError" in done.stderr
+    assert not out.exists()

@@ -141,12 +141,18 @@ def _duration_ok(duration: float | None, options: ExportOptions) -> bool:
     return options.max_duration is None or duration <= options.max_duration
 
 
+def check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out} exists and is not empty (use --overwrite to replace it)")
+
+
 @contextmanager
 def atomic_directory(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary sibling of ``out``; rename it to ``out`` only when the block succeeds."""
     out = out.resolve()
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"{out} exists and is not empty (use --overwrite to replace it)")
+    check_output(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -307,8 +313,7 @@ def export_project(settings: Settings, ls, project: int, out: Path, options: Exp
                    progress: bool = True) -> ExportReport:
     """Read the project from Label Studio, filter, write ``out`` atomically; returns what was written."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not options.overwrite:
-        raise ExportError(f"{out} exists and is not empty (use --overwrite to replace it)")
+    check_output(out, options.overwrite)  # before any work: a refused export costs nothing
     config, raw = project_export(ls, project, all_tasks=options.include_predictions)
     tasks = [a for task in raw
              if (a := annotated(task, config, with_predictions=options.include_predictions)) is not None]
