@@ -9,9 +9,15 @@ ground truth, pre-annotated by the base model; then, round after round:
    the unlabeled tasks with a fixed seed;
 2. each is "annotated" with its ground truth through Label Studio's API (as an annotator
    correcting the prediction would);
-3. a LoRA adapter is trained on every annotation so far (the retraining job's recipe),
-   evaluated on a frozen held-out set (clips never in the pool), and, for ``entropy``,
-   the unlabeled tasks are re-scored with it so the next ``/next`` ranks by the new model.
+3. a LoRA adapter is trained on every annotation so far (the retraining job's recipe) and
+   evaluated on a frozen held-out set (clips never in the pool); it goes live only through
+   the product's gate (better by ``PROMOTE_MIN_GAIN``), and for ``entropy`` a promotion
+   re-scores the unlabeled tasks so the next ``/next`` ranks by the new model.
+
+The curve is the held-out error of the live model, as ``loopscribe status`` would show it;
+each candidate's own error is kept beside it (``loop.json``). The gate and the curve use
+the same held-out set, so the live curve never rises: it is the product's view, and
+optimistic in the way any gated deployment is.
 
 The pool (:func:`loop_pool`) mixes sentences around invented product names, in varied
 conditions, with speech base Whisper already gets right and a few hopeless clips.
@@ -43,7 +49,8 @@ STRATEGIES = ("entropy", "random")
 @dataclass
 class Curve:
     strategy: str
-    points: list[tuple[int, float]] = field(default_factory=list)  # (corrections so far, held-out error)
+    points: list[tuple[int, float]] = field(default_factory=list)  # (corrections, held-out error of the live model)
+    candidates: list[float] = field(default_factory=list)  # held-out error of each round's candidate, gated or not
     seconds: float = 0.0
 
     def corrections_to_reach(self, target: float) -> float | None:
@@ -115,8 +122,9 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
     try:
         labelstudio.import_audio(ls, settings, project, [c.path for c in pool], media_root=media, progress=False)
         labelstudio.predict_project(ls, settings, project, base_engine, progress=False)  # content-hash cache: fast
-        curve.points.append((0, evaluate(base_engine, heldout_examples).error_rate))
-        print(f"  {strategy:8s} round 0: {0:4d} corrections, held-out error {curve.points[-1][1]:.3f}", flush=True)
+        live_error = evaluate(base_engine, heldout_examples).error_rate
+        curve.points.append((0, live_error))
+        print(f"  {strategy:8s} round 0: {0:4d} corrections, held-out error {live_error:.3f}", flush=True)
         annotated: list[Example] = []
         unlabeled = sorted(t.id for t in ls.tasks.list(project=project, fields="task_only"))
         base = resolve_base(settings)
@@ -141,12 +149,16 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
                                 adapter=str(result.adapter_dir), base_version=base.version)
             engine = WhisperEngine(settings, resolved=candidate)
             error = evaluate(engine, heldout_examples).error_rate
-            curve.points.append((len(annotated), error))
+            promoted = error <= live_error - settings.promote_min_gain  # the product's WER gate
+            curve.candidates.append(error)
+            if promoted:
+                live_error = error
+            curve.points.append((len(annotated), live_error))
             vocab_share = sum("domain_" in str(ls.tasks.get(id=t).data.get("source_file")) for t in chosen)
-            print(f"  {strategy:8s} round {round_}: {len(annotated):4d} corrections, held-out error {error:.3f} "
-                  f"({vocab_share}/{len(chosen)} picks had invented names; {result.steps} steps "
-                  f"{result.seconds:.0f} s)", flush=True)
-            if strategy == "entropy" and round_ < args.rounds:
+            print(f"  {strategy:8s} round {round_}: {len(annotated):4d} corrections, candidate {error:.3f} "
+                  f"{'promoted' if promoted else 'rejected'}, live {live_error:.3f} ({vocab_share}/{len(chosen)} "
+                  f"picks had invented names; {result.steps} steps {result.seconds:.0f} s)", flush=True)
+            if promoted and strategy == "entropy" and round_ < args.rounds:  # re-scored after a promotion only
                 labelstudio.predict_project(ls, settings, project, engine, only_unlabeled=True, progress=False)
             del engine
             gc.collect()
@@ -166,7 +178,9 @@ def plot(curves: list[Curve], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for c in curves:
-        ax.plot([n for n, _ in c.points], [e for _, e in c.points], marker="o", label=c.strategy)
+        line, = ax.plot([n for n, _ in c.points], [e for _, e in c.points], marker="o", label=f"{c.strategy} (live)")
+        ax.plot([n for n, _ in c.points[1:]], c.candidates, linestyle="--", marker="x", alpha=0.6,
+                color=line.get_color(), label=f"{c.strategy} (candidate)")
     ax.set_xlabel("corrections")
     ax.set_ylabel("held-out error rate (WER)")
     ax.set_title("Loopscribe: held-out error vs corrections")
@@ -194,10 +208,18 @@ def bench_loop(args: argparse.Namespace, settings: Settings) -> int:
     curves = [run_strategy(s, args, settings, ls, base_engine, pool, heldout_examples, media)
               for s in args.strategy or STRATEGIES]
 
-    print(f"\n{'corrections':>11s} " + " ".join(f"{c.strategy:>9s}" for c in curves))
+    print(f"\nheld-out error of the live model (candidate's own in brackets)\n{'corrections':>11s} "
+          + " ".join(f"{c.strategy:>17s}" for c in curves))
     for i in range(max(len(c.points) for c in curves)):
         n = curves[0].points[i][0] if i < len(curves[0].points) else ""
-        print(f"{n:>11} " + " ".join(f"{c.points[i][1]:9.3f}" if i < len(c.points) else f"{'':9s}" for c in curves))
+        cells = []
+        for c in curves:
+            if i >= len(c.points):
+                cells.append(f"{'':17s}")
+            else:
+                own = f"({c.candidates[i - 1]:.3f})" if i else ""
+                cells.append(f"{c.points[i][1]:9.3f} {own:>7s}")
+        print(f"{n:>11} " + " ".join(cells))
     summary: dict = {"curves": [asdict(c) for c in curves]}
     by_name = {c.strategy: c for c in curves}
     if {"entropy", "random"} <= by_name.keys():
