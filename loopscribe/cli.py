@@ -4,6 +4,7 @@
     loopscribe model list
     loopscribe transcribe [--json] [--task translate] [--language xx] FILE...
     loopscribe bench engine [--clips DIR] [--batch-size N] [--large-v3 DIR]
+    loopscribe bench train [--model M] [--shape large-v3] [--steps N] [--encoder]
     loopscribe bench export [--tasks 1000] [--format F]
     loopscribe bench uncertainty [--vocabulary N] [--json FILE]
     loopscribe bench loop [--rounds R] [--k K] [--strategy entropy|random]
@@ -429,6 +430,12 @@ def cmd_bench_retrain(args: argparse.Namespace, settings: Settings) -> int:
     return bench_retrain(args, settings)
 
 
+def cmd_bench_train(args: argparse.Namespace, settings: Settings) -> int:
+    from .bench_train import bench_train
+
+    return bench_train(args, settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loopscribe", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -494,6 +501,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="override TRAIN_EPOCHS")
     p.add_argument("--keep", action="store_true", help="keep the project and the new live version")
     p.set_defaults(func=cmd_bench_retrain)
+    p = bench.add_parser("train", help="seconds per LoRA training step and peak memory, per model (GPU or CPU)")
+    p.add_argument("--model", action="append", help="bundled name or local Whisper directory (repeatable; "
+                   "default WHISPER_MODEL unless --shape is given)")
+    p.add_argument("--shape", action="append", choices=("tiny", "base", "small", "medium", "large-v2", "large-v3"),
+                   help="also a randomly initialized Whisper of this published size (speed and memory only)")
+    p.add_argument("--steps", type=int, default=20, help="steps per model, rounded up to whole epochs")
+    p.add_argument("--batch-size", type=int, help="default TRAIN_BATCH_SIZE")
+    p.add_argument("--examples", type=int, help="utterances per epoch (default 4 batches)")
+    p.add_argument("--encoder", action="store_true", help="adapt the encoder too (every step runs the whole model)")
+    p.add_argument("--clips", type=Path, help="folder of clips with a transcripts.json (default: shared/audio "
+                   "+ espeak-ng sentences)")
+    p.add_argument("--json", type=Path, help="also write the table as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_bench_train)
 
     p = sub.add_parser("up", help="start Label Studio and the ML backend, create and pre-annotate the demo project")
     p.add_argument("-q", "--quiet", action="store_true")

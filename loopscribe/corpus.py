@@ -24,9 +24,10 @@ class ReferenceClip:
     language: str  # the main language; bilingual files carry several segments
 
 
-def shared_clips() -> list[ReferenceClip]:
-    """Real recordings that have one reference text (stereo two-speaker clip excluded)."""
-    root = shared_audio_dir()
+def shared_clips(root: Path | None = None) -> list[ReferenceClip]:
+    """Recordings listed in ``root/transcripts.json`` (default: the shared real recordings) with one
+    reference text each (a stereo clip with one text per channel is left out)."""
+    root = root or shared_audio_dir()
     meta_file = root / "transcripts.json"
     if not meta_file.is_file():
         return []

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import shutil
 import subprocess
+import wave
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +58,20 @@ def decode_audio(
             raise AudioDecodeError(label, "file is empty")
         data, input_arg = None, str(path)
 
+    if shutil.which("ffmpeg") is None:
+        audio = _read_wav(data if data is not None else path, label, max_seconds)
+    else:
+        audio = _run_ffmpeg(data, input_arg, label, max_seconds)
+    if audio.size == 0:
+        raise AudioDecodeError(label, "no audio samples (not an audio file, or zero length)")
+    if max_seconds is not None and audio.size > max_seconds * SAMPLE_RATE:
+        raise AudioDecodeError(label, f"longer than the {max_seconds:g} s limit")
+    if not np.isfinite(audio).all():
+        raise AudioDecodeError(label, "decoded samples are not finite")
+    return audio.copy()  # writable, owned
+
+
+def _run_ffmpeg(data: bytes | None, input_arg: str, label: str, max_seconds: float | None) -> np.ndarray:
     cmd = [_ffmpeg(), "-nostdin", "-hide_banner", "-loglevel", "error", "-threads", "0", "-i", input_arg]
     if max_seconds is not None:
         cmd += ["-t", f"{max_seconds + 1:.3f}"]  # read one second past the limit to detect "too long"
@@ -65,14 +81,29 @@ def decode_audio(
         detail = proc.stderr.decode("utf-8", "replace").strip().splitlines()
         reason = detail[-1] if detail else f"ffmpeg exited with {proc.returncode}"
         raise AudioDecodeError(label, f"cannot decode audio ({reason})")
-    audio = np.frombuffer(proc.stdout, dtype=np.float32)
-    if audio.size == 0:
-        raise AudioDecodeError(label, "no audio samples (not an audio file, or zero length)")
-    if max_seconds is not None and audio.size > max_seconds * SAMPLE_RATE:
-        raise AudioDecodeError(label, f"longer than the {max_seconds:g} s limit")
-    if not np.isfinite(audio).all():
-        raise AudioDecodeError(label, "decoded samples are not finite")
-    return audio.copy()  # writable, owned
+    return np.frombuffer(proc.stdout, dtype=np.float32)
+
+
+def _read_wav(source: bytes | Path, label: str, max_seconds: float | None) -> np.ndarray:
+    """Without FFmpeg (a bare GPU box), 16 kHz PCM WAV is still readable; anything else is a clear error."""
+    try:
+        with wave.open(io.BytesIO(source) if isinstance(source, bytes) else str(source), "rb") as wav:
+            rate, channels, width, frames = (wav.getframerate(), wav.getnchannels(), wav.getsampwidth(),
+                                             wav.getnframes())
+            if rate != SAMPLE_RATE or width not in (2, 4) or channels > 2:
+                raise AudioDecodeError(label, f"ffmpeg is not installed, and without it only 16 kHz 16/32-bit mono "
+                                              f"or stereo PCM WAV can be read (this is {rate} Hz, {8 * width}-bit, "
+                                              f"{channels} channels)")
+            if max_seconds is not None and frames > (max_seconds + 1) * SAMPLE_RATE:
+                frames = int((max_seconds + 1) * SAMPLE_RATE)
+            raw = wav.readframes(frames)
+    except (wave.Error, EOFError) as exc:
+        raise AudioDecodeError(label, f"ffmpeg is not installed, and this is not a PCM WAV file ({exc})") from exc
+    scale = float(2 ** (8 * width - 1))
+    samples = np.frombuffer(raw, dtype=np.int16 if width == 2 else np.int32).astype(np.float32) / scale
+    if channels == 2:  # FFmpeg's default stereo → mono matrix: (L + R) / √2
+        return samples.reshape(-1, 2).sum(axis=1) * np.float32(np.sqrt(0.5))
+    return samples
 
 
 def content_hash(audio: np.ndarray) -> str:

@@ -110,3 +110,26 @@ def test_split_at_pauses_cuts_in_silence():
 
 def test_short_audio_is_one_window():
     assert split_at_pauses(np.zeros(SAMPLE_RATE * 5, dtype=np.float32)) == [(0, SAMPLE_RATE * 5)]
+
+
+def test_without_ffmpeg_16k_wav_still_decodes_like_ffmpeg(tmp_path, monkeypatch):
+    path = tmp_path / "tone16k.wav"
+    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i",
+                    "sine=frequency=300:duration=1.5:sample_rate=16000", "-ac", "2", "-c:a", "pcm_s16le", "-y",
+                    str(path)], check=True)
+    with_ffmpeg = decode_audio(path)
+    monkeypatch.setattr("ml_backend.audio.shutil.which", lambda name: None)
+    without = decode_audio(path)
+    assert without.dtype == np.float32 and without.shape == with_ffmpeg.shape
+    assert np.abs(without - with_ffmpeg).max() < 1e-4
+    assert np.array_equal(decode_audio(path.read_bytes()), without)
+    with pytest.raises(AudioDecodeError, match="longer than the 1 s limit"):
+        decode_audio(path, max_seconds=1)
+
+
+def test_without_ffmpeg_other_audio_is_a_clear_error(tmp_path, tone_files, monkeypatch):
+    monkeypatch.setattr("ml_backend.audio.shutil.which", lambda name: None)
+    with pytest.raises(AudioDecodeError, match="ffmpeg is not installed.*44100 Hz"):
+        decode_audio(tone_files["wav"])
+    with pytest.raises(AudioDecodeError, match="ffmpeg is not installed.*not a PCM WAV"):
+        decode_audio(tone_files["mp3"])

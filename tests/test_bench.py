@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -36,3 +37,18 @@ def test_a_reversed_signal_scores_below_chance():
     ts = [_t(1 - e, e - 1, e) for e in errors]
     scores = {s.signal: s for s in score_signals(ts, errors)}
     assert scores["mean entropy"].spearman < -0.9 and scores["mean entropy"].auroc == 0.0
+
+
+def test_bench_train_times_steps_of_a_local_random_model(tmp_path, settings, capsys):
+    """`bench train --shape tiny`: a random tiny Whisper written to a local directory, trained by the product code."""
+    from loopscribe.cli import build_parser
+
+    out = tmp_path / "train.json"
+    args = build_parser().parse_args(["bench", "train", "--shape", "tiny", "--steps", "3", "--batch-size", "2",
+                                      "--examples", "2", "--quiet", "--json", str(out)])
+    assert args.func(args, settings) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["model"] == "tiny (random weights)" and 36 < row["parameters_m"] < 40  # published tiny: 39 M
+    assert row["steps"] == 3 and row["trainable_m"] > 0
+    assert row["later_s_per_step"] > 0 and row["peak_memory_mb"] > 0
+    assert "tiny (random weights)" in capsys.readouterr().out
