@@ -93,14 +93,14 @@ def loop_pool(cache: Path, pool_domain: int, heldout_domain: int) -> tuple[list[
     return domain_pool + easy + hopeless, domain_heldout + real
 
 
-def _next_tasks(settings: Settings, project: int, k: int) -> list[int]:
-    """Label Studio's own choice, one at a time (``/next`` serves the next until it is annotated)."""
+def _next_task(settings: Settings, project: int) -> int | None:
+    """Label Studio's own choice (``/next`` serves the same task until it is annotated); None when none is left."""
     r = requests.get(f"{settings.label_studio_url}/api/projects/{project}/next",
                      headers={"Authorization": f"Token {settings.label_studio_api_key}"}, timeout=30)
     if r.status_code == 404:
-        return []
+        return None
     r.raise_for_status()
-    return [int(r.json()["id"])]
+    return int(r.json()["id"])
 
 
 def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls, base_engine,
@@ -129,20 +129,20 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
         unlabeled = sorted(t.id for t in ls.tasks.list(project=project, fields="task_only"))
         base = resolve_base(settings)
         for round_ in range(1, args.rounds + 1):
-            chosen: list[int] = []
+            chosen: list[ReferenceClip] = []
             for _ in range(args.k):
                 if strategy == "entropy":
-                    picked = _next_tasks(settings, project, 1)
+                    picked = _next_task(settings, project)
                 else:
-                    picked = [rng.choice(unlabeled)] if unlabeled else []
-                if not picked:
+                    picked = rng.choice(unlabeled) if unlabeled else None
+                if picked is None:
                     break
-                unlabeled.remove(picked[0])
-                task = ls.tasks.get(id=picked[0])
+                unlabeled.remove(picked)
+                task = ls.tasks.get(id=picked)
                 clip = truth[Path(task.data["source_file"]).name]
                 labelstudio.submit_transcript(ls, task, clip.text)
                 annotated.append(Example(task.id, load(clip.path), clip.text, clip.language))
-                chosen.append(task.id)
+                chosen.append(clip)
             args_ = LoraArguments.from_settings(settings)
             result = train_lora(base.path, annotated, args_, work / f"{round_}", progress=False)
             candidate = replace(base, version=f"{base.version}-bench-{strategy}-{round_}",
@@ -154,7 +154,7 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
             if promoted:
                 live_error = error
             curve.points.append((len(annotated), live_error))
-            vocab_share = sum("domain_" in str(ls.tasks.get(id=t).data.get("source_file")) for t in chosen)
+            vocab_share = sum(c.path.name.startswith("domain_") for c in chosen)
             print(f"  {strategy:8s} round {round_}: {len(annotated):4d} corrections, candidate {error:.3f} "
                   f"{'promoted' if promoted else 'rejected'}, live {live_error:.3f} ({vocab_share}/{len(chosen)} "
                   f"picks had invented names; {result.steps} steps {result.seconds:.0f} s)", flush=True)

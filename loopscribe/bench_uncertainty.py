@@ -99,7 +99,8 @@ def bench_uncertainty(args: argparse.Namespace, settings: Settings) -> int:
         transcriptions.extend(engine.transcribe([load(clip.path)]))
     errors = [error_rate([c.text], [t.text], c.language) for c, t in zip(clips, transcriptions)]
     wrong = sum(e > 0 for e in errors)
-    print(f"{len(clips)} utterances ({len(shared_clips())} real, {len(clips) - len(shared_clips())} espeak-ng "
+    real = len(shared_clips())
+    print(f"{len(clips)} utterances ({real} real, {len(clips) - real} espeak-ng "
           f"incl. {args.vocabulary} with invented names {', '.join(VOCABULARY[:3])}…), model {engine.model_version}")
     print(f"utterances with errors: {wrong} of {len(clips)}; mean utterance error rate "
           f"{sum(errors) / len(errors):.3f}\n")

@@ -601,7 +601,8 @@ def main(argv: list[str] | None = None) -> int:
 
     load_env_file()  # .env written by `up`; real environment variables win
     try:
-        return args.func(args, Settings.from_env())
+        settings = Settings.from_env()
+        return args.func(args, settings)
     except KeyboardInterrupt:
         return 130
     except (RuntimeError, ValueError, KeyError, RegistryError) as exc:
@@ -613,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, (ApiError, httpx.HTTPError, requests.RequestException)):  # Label Studio down or refusing
             from .labelstudio import describe_error
 
-            print(f"loopscribe: error: Label Studio ({Settings.from_env().label_studio_url}): {describe_error(exc)}",
+            print(f"loopscribe: error: Label Studio ({settings.label_studio_url}): {describe_error(exc)}",
                   file=sys.stderr)
             return 2
         raise

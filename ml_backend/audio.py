@@ -27,13 +27,6 @@ class AudioDecodeError(ValueError):
         self.reason = reason
 
 
-def _ffmpeg() -> str:
-    path = shutil.which("ffmpeg")
-    if path is None:
-        raise RuntimeError("ffmpeg is not installed (apt-get install ffmpeg)")
-    return path
-
-
 def decode_audio(
     source: str | Path | bytes,
     *,
@@ -43,7 +36,7 @@ def decode_audio(
     """Decode any FFmpeg-readable audio (WAV/MP3/M4A/FLAC/OGG/AIFF/WebM …) to 16 kHz mono float32.
 
     ``max_seconds`` guards memory: longer audio raises :class:`AudioDecodeError` instead of
-    being decoded in full. Channels are averaged, any sample rate is resampled.
+    being decoded in full. Channels are mixed down as FFmpeg does, any sample rate is resampled.
     """
     label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
     if isinstance(source, bytes):
@@ -58,10 +51,11 @@ def decode_audio(
             raise AudioDecodeError(label, "file is empty")
         data, input_arg = None, str(path)
 
-    if shutil.which("ffmpeg") is None:
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
         audio = _read_wav(data if data is not None else path, label, max_seconds)
     else:
-        audio = _run_ffmpeg(data, input_arg, label, max_seconds)
+        audio = _run_ffmpeg(ffmpeg, data, input_arg, label, max_seconds)
     if audio.size == 0:
         raise AudioDecodeError(label, "no audio samples (not an audio file, or zero length)")
     if max_seconds is not None and audio.size > max_seconds * SAMPLE_RATE:
@@ -71,8 +65,8 @@ def decode_audio(
     return audio.copy()  # writable, owned
 
 
-def _run_ffmpeg(data: bytes | None, input_arg: str, label: str, max_seconds: float | None) -> np.ndarray:
-    cmd = [_ffmpeg(), "-nostdin", "-hide_banner", "-loglevel", "error", "-threads", "0", "-i", input_arg]
+def _run_ffmpeg(ffmpeg: str, data: bytes | None, input_arg: str, label: str, max_seconds: float | None) -> np.ndarray:
+    cmd = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-threads", "0", "-i", input_arg]
     if max_seconds is not None:
         cmd += ["-t", f"{max_seconds + 1:.3f}"]  # read one second past the limit to detect "too long"
     cmd += ["-vn", "-f", "f32le", "-acodec", "pcm_f32le", "-ac", "1", "-ar", str(SAMPLE_RATE), "pipe:1"]
