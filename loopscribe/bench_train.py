@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ml_backend.audio import SAMPLE_RATE, WINDOW_SECONDS, decode_audio
+from ml_backend.audio import WINDOW_SECONDS, decode_audio, duration
 from ml_backend.settings import Settings
 
 from .bench import reference_clips
@@ -86,14 +86,18 @@ def random_whisper(shape: str, tokenizer_from: str, out_dir: Path) -> Path:
 
 
 def _examples(args: argparse.Namespace, settings: Settings, count: int):
-    """``count`` training utterances (≤ 30 s), cycling through the reference clips."""
+    """``count`` training utterances, cycling through the reference clips of at most 30 s.
+
+    Longer recordings are left out: their one reference text cannot be split with the audio,
+    and Label Studio tasks (what the job trains on) are ≤ 30 s windows anyway.
+    """
     from training.lora import Example
 
     pool: list[tuple[np.ndarray, str, str]] = []
     for clip in reference_clips(args.clips, settings):
         audio = decode_audio(clip.path)
-        for start in range(0, audio.size, int(WINDOW_SECONDS * SAMPLE_RATE)):  # long recordings: 30 s windows
-            pool.append((audio[start : start + int(WINDOW_SECONDS * SAMPLE_RATE)], clip.text, clip.language))
+        if duration(audio) <= WINDOW_SECONDS:
+            pool.append((audio, clip.text, clip.language))
     if not pool:
         raise SystemExit("no clips with reference transcripts (give --clips DIR with a transcripts.json)")
     return [Example(task=i, audio=pool[i % len(pool)][0], text=pool[i % len(pool)][1],
