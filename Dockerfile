@@ -36,8 +36,8 @@ USER loopscribe
 # a named volume mounted on /data/loopscribe/models starts as a copy of it
 RUN loopscribe model install "${WHISPER_MODEL}"
 
-EXPOSE 9090
+# gunicorn behind a reverse proxy (docker-compose.yml's nginx `proxy`), never published directly
+EXPOSE 9091
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9090/health', timeout=4)"
-CMD ["gunicorn", "--bind", "0.0.0.0:9090", "--workers", "1", "--threads", "8", "--timeout", "300", \
-     "--access-logfile", "-", "loopscribe.wsgi:app"]
+    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9091/health', timeout=4)"
+CMD ["gunicorn", "-c", "python:loopscribe.gunicorn_conf", "--bind", "0.0.0.0:9091", "loopscribe.wsgi:app"]

@@ -178,13 +178,15 @@ def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from ml_backend.engine import expected_version
+
     from . import jobs, labelstudio, stack
 
     paths = stack.StackPaths(settings.home)
     status: dict = {
         "label_studio_url": settings.label_studio_url,
         "backend_url": settings.backend_url,
-        "live_model_version": resolve(settings).version,
+        "live_model_version": expected_version(settings),
         "processes": {n: stack.running_pid(paths, n) for n in stack.SERVICES},
         "queue": jobs.queue_status(settings),
         "projects": [],
@@ -362,6 +364,10 @@ def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
         print(render_settings("markdown"), end="")
     elif args.env_example:
         print(render_settings("env"), end="")
+    elif args.proxy_template:
+        from .proxy import compose_template
+
+        print(compose_template(), end="")
     else:
         values = settings.describe()
         for row, value in zip(Settings.reference(), values.values()):
@@ -554,6 +560,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="effective settings (secrets masked), or the settings reference")
     p.add_argument("--markdown", action="store_true", help="the reference as a Markdown table (README)")
     p.add_argument("--env-example", action="store_true", help="the reference as .env lines (.env.example)")
+    p.add_argument("--proxy-template", action="store_true",
+                   help="the compose reverse proxy's nginx config (deploy/nginx/loopscribe.conf.template)")
     p.set_defaults(func=cmd_config)
     p = sub.add_parser("export", help="write the project's annotated data set (hf, nemo, jsonl, srt, vtt)")
     p.add_argument("--project", type=int, required=True)

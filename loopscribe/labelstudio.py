@@ -116,7 +116,7 @@ def import_audio(
     for path in tqdm(paths, desc="importing", unit="file", disable=not progress):
         report.files += 1
         try:
-            audio = decode_audio(path, max_seconds=settings.max_audio_seconds)
+            audio = decode_audio(path, max_seconds=settings.max_audio_seconds, timeout=settings.ffmpeg_timeout)
         except AudioDecodeError as exc:
             report.failed[str(path)] = exc.reason
             log.warning("skipping %s", exc)
@@ -158,20 +158,20 @@ def _upload(settings: Settings, ls: LabelStudio, project: int, batch: list[tuple
     for data, path in batch:  # one file per request: the response maps it to its task id unambiguously
         with open(path, "rb") as f:
             r = requests.post(f"{settings.label_studio_url}/api/projects/{project}/import",
-                              headers=auth.header(), files={"file0": (path.name, f, "audio/wav")}, timeout=120)
+                              params={"return_task_ids": "true"}, headers=auth.header(),
+                              files={"file0": (path.name, f, "audio/wav")}, timeout=120)
         r.raise_for_status()
-        # The import response names the upload, not the task: the task it created is the project's newest
-        # (imports into one project are expected to run one at a time).
-        task_id = _newest_task(ls, project)
+        # Label Studio names the tasks this request created (never "the newest task": imports may run at once).
+        created = r.json().get("task_ids") or []
+        if len(created) != 1:
+            raise RuntimeError(f"uploading {path.name} created {len(created)} tasks, expected 1 (Label Studio's "
+                               f"import answered without task_ids: an edition that imports asynchronously?)")
+        task_id = int(created[0])
         task = ls.tasks.get(id=task_id)
         ls.tasks.update(id=task_id, data=dict(task.data) | data)
         ids.append(task_id)
         path.unlink(missing_ok=True)  # Label Studio holds the uploaded copy
     return ids
-
-
-def _newest_task(ls: LabelStudio, project: int) -> int:
-    return max(t.id for t in ls.tasks.list(project=project, fields="task_only"))
 
 
 def _write_wav(samples: np.ndarray, path: Path) -> None:

@@ -191,15 +191,35 @@ def start_label_studio(values: dict[str, str], paths: StackPaths, timeout: float
 
 
 def start_backend(values: dict[str, str], settings: Settings, paths: StackPaths, timeout: float = 120) -> int:
+    """gunicorn on a unix socket in the run directory, and nginx in front of it on ``BACKEND_URL``
+    (:mod:`loopscribe.proxy`: slow clients wait in nginx, never on gunicorn's threads)."""
+    from . import proxy
+
     url = values["BACKEND_URL"]
+    sock = paths.run / "backend.sock"
+    if len(str(sock)) > 100:  # the kernel's limit for a unix socket path is 108 bytes
+        raise RuntimeError(f"{sock} is too long for a unix socket; choose a shorter LOOPSCRIBE_HOME")
     pid = running_pid(paths, "ml-backend")
     if pid is None:
-        bind = url.split("://", 1)[-1].rstrip("/")
-        cmd = [sys.executable, "-m", "gunicorn", "--workers", "1", "--threads", "4", "--timeout", "300",
-               "--bind", bind, "--access-logfile", "-", "loopscribe.wsgi:app"]
+        paths.run.mkdir(parents=True, exist_ok=True)
+        sock.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "gunicorn", "-c", "python:loopscribe.gunicorn_conf", "--bind", f"unix:{sock}",
+               "loopscribe.wsgi:app"]
         pid = _spawn(paths, "ml-backend", cmd, backend_environment(values, settings))
+    if running_pid(paths, "proxy") is None:
+        listen = url.split("://", 1)[-1].split("/")[0]
+        conf = proxy.write_local_config(settings, listen=listen, upstream=f"unix:{sock}", run_dir=paths.run)
+        cmd = [proxy.nginx_binary(), "-p", str(paths.run / "nginx"), "-c", str(conf), "-e", str(paths.log_file("proxy"))]
+        proxy_pid = _spawn(paths, "proxy", cmd, dict(os.environ))
+        time.sleep(0.5)
+        if not process_alive(proxy_pid):
+            raise RuntimeError(f"nginx exited during start-up; log tail:\n{_tail(paths.log_file('proxy'))}")
     wait_healthy(f"{url}/health", timeout, pid, paths.log_file("ml-backend"))
     return pid
+
+
+def _tail(log: Path, chars: int = 3000) -> str:
+    return log.read_text(errors="replace")[-chars:] if log.exists() else ""
 
 
 def start_worker(values: dict[str, str], settings: Settings, paths: StackPaths) -> int:
@@ -216,7 +236,7 @@ def start_worker(values: dict[str, str], settings: Settings, paths: StackPaths) 
     return pid
 
 
-SERVICES = ("worker", "ml-backend", "label-studio")
+SERVICES = ("worker", "proxy", "ml-backend", "label-studio")
 
 
 def stop(paths: StackPaths, names: tuple[str, ...] = SERVICES) -> list[str]:

@@ -20,18 +20,23 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from datetime import datetime, timezone
+from typing import Any, Callable
 
 from flask import Flask, Response, jsonify, request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from werkzeug.exceptions import HTTPException
 
 from .audio import AudioDecodeError, duration
 from .fetch import AudioFetcher, AudioFetchError, load_task_audio
 from .label_config import LabelConfigError, parse_label_config
 from .ledger import Ledger
 from .live import LiveEngine
+from .payloads import TRAIN_ACTION, PayloadError, PredictRequest, SetupRequest, WebhookEvent, parse, parse_task
 from .predictions import to_prediction
+from .projects import ProjectDirectory, ProjectState
+from .safelog import clip
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -39,6 +44,13 @@ log = logging.getLogger(__name__)
 WEBHOOK_SECRET_HEADER = "X-Loopscribe-Secret"
 OPEN_ROUTES = {"/health"}  # liveness probes need no credentials
 FETCH_THREADS = 4
+RETRY_AFTER_S = 5
+
+
+def same_secret(given: str | None, expected: str) -> bool:
+    """Constant-time comparison of any client string (non-ASCII included) with a configured secret."""
+    encode = lambda v: v.encode("utf-8", "backslashreplace")  # noqa: E731
+    return hmac.compare_digest(encode(given or ""), encode(expected))
 
 
 class Metrics:
@@ -76,8 +88,14 @@ class PredictionService:
         watching the registry so a promoted version is loaded before it is asked for."""
         from .text import normalize
 
+        # transformers' lazy imports are not thread-safe: a request importing it while the warm-up thread does
+        # failed with "cannot import name 'WhisperFeatureExtractor'". Import here, before any request thread.
+        import transformers  # noqa: F401
+        from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizer  # noqa: F401
+
+        normalize("warm up")  # the ledger's normalizer, ready before the first webhook
+
         def load() -> None:
-            normalize("warm up")  # the ledger's normalizer, imported before the first webhook
             self.live.get()
             self.live.watch()
 
@@ -85,28 +103,39 @@ class PredictionService:
         thread.start()
         return thread
 
-    def predict(self, tasks: list[dict], label_config: str, metrics: Metrics | None = None) -> list[dict]:
+    def predict(self, tasks: list[Any], label_config: str, metrics: Metrics | None = None) -> list[dict]:
+        """One result per task, in order. A malformed task, or one whose audio cannot be fetched or decoded,
+        gets an empty result and a log line. Tasks are decoded and transcribed ``WHISPER_BATCH_SIZE`` at a
+        time, so a request holds at most one chunk of decoded audio, never the whole batch."""
         config = parse_label_config(label_config)
-        with ThreadPoolExecutor(FETCH_THREADS) as pool:
-            loaded = list(pool.map(lambda t: self._try_load(t, config.audio_key), tasks))
-        good = [i for i, clip in enumerate(loaded) if clip is not None]
-        transcripts = self.engine.transcribe([loaded[i] for i in good]) if good else []
         version = self.model_version
         results: list[dict] = [{"result": [], "score": 0.0, "model_version": version} for _ in tasks]
-        for i, t in zip(good, transcripts):
-            results[i] = to_prediction(t, config)
-        if metrics:
-            metrics.tasks.labels("ok").inc(len(good))
-            metrics.tasks.labels("error").inc(len(tasks) - len(good))
-            metrics.audio_seconds.inc(sum(duration(loaded[i]) for i in good))
+        chunk = max(1, self.settings.batch_size)
+        for start in range(0, len(tasks), chunk):
+            indices = range(start, min(start + chunk, len(tasks)))
+            with ThreadPoolExecutor(FETCH_THREADS) as pool:
+                loaded = list(pool.map(lambda i: self._try_load(i, tasks[i], config.audio_key), indices))
+            good = [(i, clip_) for i, clip_ in zip(indices, loaded) if clip_ is not None]
+            transcripts = self.engine.transcribe([c for _, c in good]) if good else []
+            for (i, _), t in zip(good, transcripts):
+                results[i] = to_prediction(t, config)
+            if metrics:
+                metrics.tasks.labels("ok").inc(len(good))
+                metrics.tasks.labels("error").inc(len(indices) - len(good))
+                metrics.audio_seconds.inc(sum(duration(c) for _, c in good))
         return results
 
-    def _try_load(self, task: dict, key: str):
+    def _try_load(self, index: int, raw: Any, key: str):
         try:
-            return load_task_audio(self.fetcher, task.get("id"), task.get("data") or {}, key)
+            task = parse_task(raw)
+            return load_task_audio(self.fetcher, task.id, task.data, key)
+        except PayloadError as exc:
+            log.warning("task #%d of the request: no prediction: %s", index, exc)
         except (AudioFetchError, AudioDecodeError) as exc:
-            log.warning("task %s: no prediction: %s", task.get("id"), exc)
-            return None
+            log.warning("task %s: no prediction: %s", clip(raw.get("id")), exc)
+        except Exception:  # a defect on one task must not cost the others their predictions
+            log.exception("task %s: no prediction: unexpected error", clip(raw.get("id")))
+        return None
 
 
 def create_app(settings: Settings | None = None, engine=None, *, warm_up: bool = False,
@@ -119,22 +148,41 @@ def create_app(settings: Settings | None = None, engine=None, *, warm_up: bool =
         service.warm_up()
     metrics = Metrics()
     ledger = Ledger(settings.ledger_path)
+    projects = ProjectDirectory(service.fetcher.auth, service.fetcher.session)
+    predict_slots = threading.BoundedSemaphore(max(1, settings.max_concurrent_predicts))
     events_file = settings.home / "webhooks" / "events.jsonl"
     app = Flask(__name__)
     app.config["service"] = service
     app.config["metrics"] = metrics
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+
+    def error(status: int, message: str, **headers: str) -> tuple[Response, int]:
+        response = jsonify(error=message)
+        response.headers.update(headers)
+        return response, status
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException):
+        return error(exc.code or 500, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception):  # the last line of defence: logged with its traceback, no details out
+        log.exception("%s %s failed", request.method, clip(request.path))
+        return error(500, "internal error (logged)")
 
     @app.before_request
     def authenticate():
         request.environ["loopscribe.start"] = time.perf_counter()
+        if request.content_length is not None and request.content_length > settings.max_request_bytes:
+            return error(413, f"request body over MAX_REQUEST_BYTES ({settings.max_request_bytes})")
         if request.path in OPEN_ROUTES or request.path == "/webhook":
             return None
         if settings.basic_auth_user and settings.basic_auth_pass:
             auth = request.authorization
-            ok = auth is not None and hmac.compare_digest(auth.username or "", settings.basic_auth_user) \
-                and hmac.compare_digest(auth.password or "", settings.basic_auth_pass)
+            ok = auth is not None and same_secret(auth.username, settings.basic_auth_user) \
+                and same_secret(auth.password, settings.basic_auth_pass)
             if not ok:
-                return Response("authentication required\n", 401, {"WWW-Authenticate": 'Basic realm="loopscribe"'})
+                return error(401, "authentication required", **{"WWW-Authenticate": 'Basic realm="loopscribe"'})
         return None
 
     @app.after_request
@@ -146,19 +194,24 @@ def create_app(settings: Settings | None = None, engine=None, *, warm_up: bool =
             metrics.latency.labels(route).observe(time.perf_counter() - start)
         return response
 
+    def json_body() -> Any:
+        body = request.get_json(silent=True)
+        if body is None:
+            raise PayloadError("expected a JSON object")
+        return body
+
     @app.get("/health")
     def health():
         return jsonify(status="UP", model_class="WhisperEngine", model_dir=settings.whisper_model)
 
     @app.post("/setup")
     def setup():
-        body = request.get_json(silent=True) or {}
-        schema = body.get("schema")
-        if schema:
-            try:
-                parse_label_config(schema)
-            except LabelConfigError as exc:
-                return jsonify(error=str(exc)), 400
+        try:
+            body = parse(SetupRequest, request.get_json(silent=True) or {}, "/setup")
+            if body.schema_:
+                parse_label_config(body.schema_)
+        except (PayloadError, LabelConfigError) as exc:
+            return error(400, str(exc))
         version = service.model_version
         metrics.model.clear()
         metrics.model.labels(version).set(1)
@@ -166,42 +219,57 @@ def create_app(settings: Settings | None = None, engine=None, *, warm_up: bool =
 
     @app.post("/predict")
     def predict():
-        body = request.get_json(silent=True)
-        if not isinstance(body, dict) or not isinstance(body.get("tasks"), list):
-            return jsonify(error='expected JSON {"tasks": [...], "label_config": "<View>…"}'), 400
-        label_config = body.get("label_config") or body.get("schema")
-        if not label_config:
-            return jsonify(error="request has no label_config"), 400
         try:
-            results = service.predict(body["tasks"], label_config, metrics)
+            body = parse(PredictRequest, json_body(), "/predict")
+        except PayloadError as exc:
+            return error(400, f'{exc} (expected {{"tasks": [...], "label_config": "<View>…"}})')
+        if not body.config_xml:
+            return error(400, "request has no label_config")
+        if len(body.tasks) > settings.max_tasks_per_request:
+            return error(413, f"{len(body.tasks)} tasks in one request, over MAX_TASKS_PER_REQUEST "
+                              f"({settings.max_tasks_per_request}); use `loopscribe predict` for bulk work")
+        try:
+            parse_label_config(body.config_xml)
         except LabelConfigError as exc:
-            return jsonify(error=str(exc)), 400
-        return jsonify(results=results)
+            return error(400, str(exc))
+        if not predict_slots.acquire(blocking=False):
+            return error(503, f"busy: {settings.max_concurrent_predicts} predictions in progress "
+                              f"(MAX_CONCURRENT_PREDICTS); retry", **{"Retry-After": str(RETRY_AFTER_S)})
+        try:
+            return jsonify(results=service.predict(body.tasks, body.config_xml, metrics))
+        finally:
+            predict_slots.release()
 
     @app.post("/webhook")
     def webhook():
-        if settings.webhook_secret:
-            given = request.headers.get(WEBHOOK_SECRET_HEADER, "")
-            if not hmac.compare_digest(given, settings.webhook_secret):
-                return jsonify(error=f"missing or wrong {WEBHOOK_SECRET_HEADER} header"), 401
-        event = request.get_json(silent=True)
-        if not isinstance(event, dict) or "action" not in event:
-            return jsonify(error="expected a Label Studio webhook event with an 'action'"), 400
-        action = str(event["action"])
-        metrics.webhooks.labels(action).inc()
-        events_file.parent.mkdir(parents=True, exist_ok=True)  # raw audit log, replayable into a ledger
+        if settings.webhook_secret and not same_secret(request.headers.get(WEBHOOK_SECRET_HEADER),
+                                                       settings.webhook_secret):
+            return error(401, f"missing or wrong {WEBHOOK_SECRET_HEADER} header")
+        try:
+            body = json_body()
+            event = parse(WebhookEvent, body, "webhook")
+            event.check_clock(datetime.now(timezone.utc), settings.webhook_max_future_seconds)
+        except PayloadError as exc:
+            return error(400, f"{exc} (expected a Label Studio webhook event)")
+        metrics.webhooks.labels(event.metric_action).inc()
+        project = event.project.id if event.project is not None else None
+        if project is not None and projects.state(project) is ProjectState.MISSING:
+            log.warning("webhook %s for project %d, which Label Studio does not have: ignored",
+                        event.metric_action, project)
+            return jsonify(status="ignored", reason=f"Label Studio has no project {project}"), 200
+        events_file.parent.mkdir(parents=True, exist_ok=True)  # audit log of accepted events, as sent
         with open(events_file, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"received_at": time.time(), "event": event}, ensure_ascii=False) + "\n")
-        recorded = ledger.record(event)
+            f.write(json.dumps({"received_at": time.time(), "event": body}, ensure_ascii=False) + "\n")
+        recorded = ledger.record(event.to_ledger())
         job, created = None, False
-        if recorded.project is not None and action == "START_TRAINING":
-            job, created = ledger.request_training(int(recorded.project), "label-studio")
-        elif recorded.project is not None and recorded.changed and settings.retrain_min_corrections > 0:
-            job, created = ledger.request_training(int(recorded.project), "threshold",
+        if project is not None and event.action == TRAIN_ACTION:
+            job, created = ledger.request_training(project, "label-studio")
+        elif project is not None and recorded.changed and settings.retrain_min_corrections > 0:
+            job, created = ledger.request_training(project, "threshold",
                                                    min_corrections=settings.retrain_min_corrections)
         if created and enqueue_job is not None:
             enqueue_job(job.id)
-        answer = {"status": "ok", "changed": recorded.changed}
+        answer: dict[str, Any] = {"status": "ok", "changed": recorded.changed}
         if job is not None:
             answer["job"] = {"id": job.id, "state": job.state, "queued_now": created}
         return jsonify(answer), 201
@@ -210,9 +278,10 @@ def create_app(settings: Settings | None = None, engine=None, *, warm_up: bool =
     def versions():
         from .registry import Registry
 
-        fine_tuned = [v.version for v in Registry(settings.home).list() if v.status in ("live", "retired")]
         live = service.model_version
-        return jsonify(versions=[live] + [v for v in reversed(fine_tuned) if v != live])
+        fine_tuned = [v.version for v in Registry(settings.home).list() if v.status in ("live", "retired")]
+        served = [service.live.served_version(v) for v in reversed(fine_tuned)]
+        return jsonify(versions=[live] + [v for v in served if v != live])
 
     @app.get("/metrics")
     def prometheus():

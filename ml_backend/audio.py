@@ -13,6 +13,7 @@ import numpy as np
 
 SAMPLE_RATE = 16_000
 WINDOW_SECONDS = 30.0
+DEFAULT_TIMEOUT = 120.0  # FFMPEG_TIMEOUT's default
 
 
 class AudioDecodeError(ValueError):
@@ -32,11 +33,13 @@ def decode_audio(
     *,
     max_seconds: float | None = None,
     name: str | None = None,
+    timeout: float | None = DEFAULT_TIMEOUT,
 ) -> np.ndarray:
     """Decode any FFmpeg-readable audio (WAV/MP3/M4A/FLAC/OGG/AIFF/WebM …) to 16 kHz mono float32.
 
     ``max_seconds`` guards memory: longer audio raises :class:`AudioDecodeError` instead of
-    being decoded in full. Channels are mixed down as FFmpeg does, any sample rate is resampled.
+    being decoded in full. ``timeout`` (seconds) bounds FFmpeg's time on hostile input.
+    Channels are mixed down as FFmpeg does, any sample rate is resampled.
     """
     label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
     if isinstance(source, bytes):
@@ -55,7 +58,7 @@ def decode_audio(
     if ffmpeg is None:
         audio = _read_wav(data if data is not None else path, label, max_seconds)
     else:
-        audio = _run_ffmpeg(ffmpeg, data, input_arg, label, max_seconds)
+        audio = _run_ffmpeg(ffmpeg, data, input_arg, label, max_seconds, timeout)
     if audio.size == 0:
         raise AudioDecodeError(label, "no audio samples (not an audio file, or zero length)")
     if max_seconds is not None and audio.size > max_seconds * SAMPLE_RATE:
@@ -65,12 +68,16 @@ def decode_audio(
     return audio.copy()  # writable, owned
 
 
-def _run_ffmpeg(ffmpeg: str, data: bytes | None, input_arg: str, label: str, max_seconds: float | None) -> np.ndarray:
+def _run_ffmpeg(ffmpeg: str, data: bytes | None, input_arg: str, label: str, max_seconds: float | None,
+                timeout: float | None) -> np.ndarray:
     cmd = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-threads", "0", "-i", input_arg]
     if max_seconds is not None:
         cmd += ["-t", f"{max_seconds + 1:.3f}"]  # read one second past the limit to detect "too long"
     cmd += ["-vn", "-f", "f32le", "-acodec", "pcm_f32le", "-ac", "1", "-ar", str(SAMPLE_RATE), "pipe:1"]
-    proc = subprocess.run(cmd, input=data, capture_output=True)
+    try:
+        proc = subprocess.run(cmd, input=data, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AudioDecodeError(label, f"decoding took longer than {timeout:g} s (FFMPEG_TIMEOUT)") from None
     if proc.returncode != 0:
         detail = proc.stderr.decode("utf-8", "replace").strip().splitlines()
         reason = detail[-1] if detail else f"ffmpeg exited with {proc.returncode}"

@@ -108,16 +108,26 @@ class _WindowResult:
 
 def version_string(resolved: ResolvedModel, quantized: bool) -> str:
     """The model_version predictions carry: the weights' version, marked when quantized."""
-    return resolved.version + ("-int8" if quantized else "")
+    return served_version(resolved.version, quantized)
+
+
+def served_version(version: str, quantized: bool) -> str:
+    """A registry version as predictions name it: ``-int8`` marks a dynamically quantized model."""
+    return version + ("-int8" if quantized else "")
+
+
+def quantizes(settings: Settings) -> bool:
+    """Whether an engine built from ``settings`` quantizes (``WHISPER_QUANTIZE`` applies on CPU only)."""
+    return settings.quantize and pick_device(settings.device).type == "cpu"
 
 
 def expected_version(settings: Settings) -> str:
     """The version an engine built from ``settings`` will report, without loading the model."""
-    quantized = settings.quantize and _pick_device(settings.device).type == "cpu"
-    return version_string(resolve(settings), quantized)
+    return version_string(resolve(settings), quantizes(settings))
 
 
-def _pick_device(setting: str) -> torch.device:
+def pick_device(setting: str) -> torch.device:
+    """``WHISPER_DEVICE``: ``auto`` (CUDA when present), ``cuda`` or ``cpu``; serving and training both ask here."""
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(setting)
@@ -135,7 +145,8 @@ def avoid_cudnn_attention() -> None:
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 
-def _pick_dtype(setting: str, device: torch.device) -> torch.dtype:
+def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """``WHISPER_DTYPE``: ``auto`` is bf16 (fp16 where bf16 is missing) on CUDA and fp32 on CPU."""
     if setting != "auto":
         return getattr(torch, setting)
     if device.type == "cuda":
@@ -153,8 +164,8 @@ class WhisperEngine:
 
         self.settings = settings or Settings.from_env()
         self.resolved: ResolvedModel = resolved or resolve(self.settings, model, install_missing=install_missing)
-        self.device = _pick_device(self.settings.device)
-        self.dtype = _pick_dtype(self.settings.dtype, self.device)
+        self.device = pick_device(self.settings.device)
+        self.dtype = pick_dtype(self.settings.dtype, self.device)
         if self.device.type == "cpu" and self.settings.cpu_threads > 0:
             torch.set_num_threads(self.settings.cpu_threads)
         if self.device.type == "cuda":
@@ -172,7 +183,7 @@ class WhisperEngine:
             log.info("merging LoRA adapter %s", self.resolved.adapter)
             model_ = PeftModel.from_pretrained(model_, self.resolved.adapter).merge_and_unload()
         model_ = model_.to(self.device).eval()
-        self.quantized = self.settings.quantize and self.device.type == "cpu"
+        self.quantized = quantizes(self.settings)
         if self.quantized:
             model_ = torch.ao.quantization.quantize_dynamic(model_, {torch.nn.Linear}, dtype=torch.qint8)
         self.model = model_
@@ -255,7 +266,7 @@ class WhisperEngine:
         decoded: list[np.ndarray | audio_lib.AudioDecodeError] = []
         for p in paths:
             try:
-                decoded.append(audio_lib.decode_audio(p, max_seconds=max_seconds))
+                decoded.append(audio_lib.decode_audio(p, max_seconds=max_seconds, timeout=self.settings.ffmpeg_timeout))
             except audio_lib.AudioDecodeError as exc:
                 log.warning("skipping %s", exc)
                 decoded.append(exc)

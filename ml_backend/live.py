@@ -35,6 +35,13 @@ class LiveEngine:
 
         return expected_version(self.settings)
 
+    def served_version(self, version: str) -> str:
+        """How predictions name registry version ``version`` when this engine serves it."""
+        from .engine import quantizes, served_version
+
+        quantized = getattr(self._engine, "quantized", False) if self._pinned else quantizes(self.settings)
+        return served_version(version, quantized)
+
     def get(self):
         """The engine for the live version, loading or swapping it first when needed."""
         if self._pinned:

@@ -74,6 +74,24 @@ class Settings:
     max_audio_seconds: float = setting(3600.0, "MAX_AUDIO_SECONDS", "longer task audio is refused")
     backend_url: str = setting("http://127.0.0.1:9090", "BACKEND_URL", "where Label Studio reaches the ML backend "
                                "(and its /webhook)", parse=_url)
+    backend_threads: int = setting(16, "BACKEND_THREADS", "gunicorn threads of the backend; requests beyond "
+                                   "MAX_CONCURRENT_PREDICTS keep the rest free for /health, /setup and webhooks",
+                                   group="limits")
+    max_concurrent_predicts: int = setting(8, "MAX_CONCURRENT_PREDICTS", "/predict requests served at once (they "
+                                           "share one model); more are answered 503 with Retry-After",
+                                           group="limits")
+    max_request_bytes: int = setting(10 * 1024 * 1024, "MAX_REQUEST_BYTES", "larger request bodies are refused "
+                                     "(413) by the proxy and the backend", group="limits")
+    max_tasks_per_request: int = setting(100, "MAX_TASKS_PER_REQUEST", "tasks in one /predict call (Label Studio "
+                                         "waits 100 s); bulk work goes through `loopscribe predict`",
+                                         group="limits")
+    ffmpeg_timeout: float = setting(120.0, "FFMPEG_TIMEOUT", "seconds one audio decode may take before it is "
+                                    "killed and the task reported", group="limits")
+    client_timeout: int = setting(10, "CLIENT_TIMEOUT", "seconds the reverse proxy waits for a client's "
+                                    "request headers, and between two reads of its body", group="limits")
+    webhook_max_future_seconds: float = setting(3600.0, "WEBHOOK_MAX_FUTURE_SECONDS", "a webhook whose "
+                                                "`updated_at` lies further in the future is refused (400)",
+                                                group="limits")
     redis_url: str = setting("", "REDIS_URL", "job queue on Redis (workers on several machines); empty: SQLite "
                              "queue in LOOPSCRIBE_HOME (one machine)", secret=True, group="training")
 

@@ -108,10 +108,11 @@ def problems(compose: dict, env_example: str) -> list[str]:
             found.append(f"{name}: LOOPSCRIBE_HOME is not {HOME}")
         if not str(env.get("LABEL_STUDIO_URL", "")).startswith("http://label-studio:"):
             found.append(f"{name}: LABEL_STUDIO_URL does not point at the label-studio service")
-        if not str(env.get("BACKEND_URL", "")).startswith("http://ml-backend:"):
-            found.append(f"{name}: BACKEND_URL does not point at the ml-backend service")
+        if not str(env.get("BACKEND_URL", "")).startswith("http://proxy:"):
+            found.append(f"{name}: BACKEND_URL does not point at the proxy in front of the backend")
         if not str(env.get("REDIS_URL", "")).startswith("redis://redis:"):
             found.append(f"{name}: REDIS_URL does not point at the redis service")
+    found += proxy_problems(services)
     ls_env = services["label-studio"].get("environment") or {}
     for var, value in LABEL_STUDIO_REQUIRED.items():
         if str(ls_env.get(var)) != value:
@@ -132,6 +133,29 @@ def problems(compose: dict, env_example: str) -> list[str]:
     for var in sorted(set(Settings.env_names()) | set(_generated_defaults())):
         if var not in listed:
             found.append(f".env.example: {var} missing")
+    return found
+
+
+def proxy_problems(services: dict) -> list[str]:
+    """The backend is reached only through nginx (slow clients wait there), configured from the template."""
+    found = []
+    proxy = services.get("proxy")
+    if proxy is None:
+        return ["service proxy missing"]
+    if not str(proxy.get("image", "")).startswith("nginx:"):
+        found.append("proxy image is not nginx")
+    if services["ml-backend"].get("ports"):
+        found.append("ml-backend publishes a port: clients must go through the proxy")
+    if not proxy.get("ports"):
+        found.append("proxy publishes no port")
+    template = "./deploy/nginx/loopscribe.conf.template"
+    if not str(_volumes(proxy).get(template, "")).startswith("/etc/nginx/templates/"):
+        found.append(f"proxy: {template} not mounted into /etc/nginx/templates/")
+    for var in ("CLIENT_TIMEOUT", "MAX_REQUEST_BYTES"):
+        if var not in (proxy.get("environment") or {}):
+            found.append(f"proxy: {var} not set (the template reads it)")
+    if "0.0.0.0:9091" not in services["ml-backend"].get("command", []):
+        found.append("ml-backend does not listen where the proxy template sends requests (ml-backend:9091)")
     return found
 
 
@@ -172,6 +196,9 @@ def _without(compose: dict, path: tuple, key) -> dict:
     (("services", "worker", "deploy"), "resources", "worker: no GPU reservation"),
     (("services", "redis"), "healthcheck", "redis: no healthcheck"),
     (("services",), "postgres", "service postgres missing"),
+    (("services",), "proxy", "service proxy missing"),
+    (("services", "proxy", "environment"), "CLIENT_TIMEOUT", "proxy: CLIENT_TIMEOUT not set"),
+    (("services", "proxy", "volumes"), "./deploy", "proxy: ./deploy/nginx/loopscribe.conf.template not mounted"),
 ])
 def test_removing_a_required_piece_is_reported(compose, env_example, path, key, expected):
     # the anchors make backend and worker share one mapping: break a copy of one service only
@@ -192,6 +219,19 @@ def test_a_new_setting_the_code_reads_must_reach_the_containers(compose, env_exa
     monkeypatch.setattr(Settings, "env_names", classmethod(lambda cls: ["LOOPSCRIBE_NEW_KNOB"]))
     found = problems(compose, env_example)
     assert "worker: LOOPSCRIBE_NEW_KNOB not set" in found and ".env.example: LOOPSCRIBE_NEW_KNOB missing" in found
+
+
+def test_backend_port_published_is_reported(compose, env_example):
+    broken = copy.deepcopy(compose)
+    broken["services"]["ml-backend"]["ports"] = ["9090:9091"]
+    assert "ml-backend publishes a port: clients must go through the proxy" in problems(broken, env_example)
+
+
+def test_compose_proxy_template_is_generated_from_the_code():
+    from loopscribe.proxy import COMPOSE_TEMPLATE, compose_template
+
+    assert (ROOT / COMPOSE_TEMPLATE).read_text() == compose_template(), \
+        "regenerate: loopscribe config --proxy-template > deploy/nginx/loopscribe.conf.template"
 
 
 def test_dockerfile_serves_what_compose_runs(compose):

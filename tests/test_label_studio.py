@@ -79,6 +79,41 @@ def test_webhooks_from_label_studio_reach_the_backend_with_the_secret(live):
     assert "ANNOTATION_CREATED" in actions
 
 
+def test_webhook_for_a_project_label_studio_lacks_is_ignored(live, ranked_project):
+    """The backend asks the real Label Studio whether a webhook's project exists; only real ones are recorded."""
+    from ml_backend.app import WEBHOOK_SECRET_HEADER
+    from ml_backend.ledger import Ledger
+
+    s = live[0]
+    headers = {WEBHOOK_SECRET_HEADER: s.webhook_secret}
+    event = {"action": "ANNOTATION_CREATED", "annotation": {"id": 990001, "task": 1, "result": [
+        {"type": "textarea", "from_name": "transcription", "to_name": "audio", "value": {"text": ["made up"]}}]}}
+    missing = requests.post(f"{s.backend_url}/webhook", json=event | {"project": {"id": 424242}}, headers=headers,
+                            timeout=10)
+    assert missing.status_code == 200 and missing.json()["status"] == "ignored"
+    assert 424242 not in Ledger(s.ledger_path).projects()
+    real = requests.post(f"{s.backend_url}/webhook", json=event | {"project": {"id": ranked_project}},
+                         headers=headers, timeout=10)
+    assert real.status_code == 201 and real.json()["changed"] == 1
+
+
+def test_concurrent_uploads_attach_metadata_to_their_own_task(live, ls, espeak_dir):
+    """Defect: the upload path gave its metadata to "the project's newest task", which races with other imports."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    s, paths, _ = live
+    project = labelstudio.find_or_create_project(ls, "uploads", CONFIG)
+    clips = [speak(sentence, lang, espeak_dir / f"upload_{lang}_{i}.wav")
+             for lang in ("en", "de") for i, sentence in enumerate(SENTENCES[lang][:2])]
+    with ThreadPoolExecutor(4) as pool:
+        reports = list(pool.map(lambda c: labelstudio.import_audio(ls, s, project, [c], media_root=paths.media,
+                                                                   storage="upload", progress=False), clips))
+    for clip, report in zip(clips, reports):
+        assert len(report.task_ids) == 1
+        data = ls.tasks.get(id=report.task_ids[0]).data
+        assert data["source_file"] == str(clip) and data["sha256"][:16] in data["audio"], data
+
+
 def test_retrieve_predictions_action_fetches_upload_and_local_files(live, ls, engine, shared_audio, espeak_dir):
     s, paths, _ = live
     project = labelstudio.find_or_create_project(ls, "retrieve", CONFIG)

@@ -51,13 +51,15 @@ class LoraArguments:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
     seed: int = 0
+    device: str = "auto"  # WHISPER_DEVICE: the same choice as serving
+    dtype: str = "auto"  # WHISPER_DTYPE: fp16/bf16 become mixed precision, fp32 none
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides) -> "LoraArguments":
         args = cls(r=settings.lora_r, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
                    target_modules=settings.lora_target_modules, encoder=settings.lora_encoder,
                    epochs=settings.train_epochs, learning_rate=settings.train_learning_rate,
-                   batch_size=settings.train_batch_size)
+                   batch_size=settings.train_batch_size, device=settings.device, dtype=settings.dtype)
         return replace(args, **{k: v for k, v in overrides.items() if v is not None})
 
     def to_dict(self) -> dict:
@@ -114,10 +116,16 @@ def target_tokens(tokenizer, special: SpecialTokens, example: Example, timestamp
     return (prompt + body)[: MAX_TARGET_TOKENS - 1] + [special.eot]
 
 
-def _device_and_precision() -> tuple[str, str]:
-    if torch.cuda.is_available():
-        return "cuda", "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "cpu", "no"
+def device_and_precision(device_setting: str = "auto", dtype_setting: str = "auto") -> tuple[str, str]:
+    """The training device and accelerate's mixed precision, from the settings serving uses."""
+    from ml_backend.engine import pick_device, pick_dtype
+
+    device = pick_device(device_setting)
+    precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(pick_dtype(dtype_setting, device), "no")
+    if device.type == "cpu" and precision == "fp16":
+        log.warning("fp16 mixed precision needs a GPU; training on the CPU in float32")
+        precision = "no"
+    return device.type, precision
 
 
 def train_lora(
@@ -142,7 +150,7 @@ def train_lora(
     started = time.perf_counter()
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    device, precision = _device_and_precision()
+    device, precision = device_and_precision(args.device, args.dtype)
     accelerator = Accelerator(mixed_precision=precision, cpu=device == "cpu")
 
     tokenizer = WhisperTokenizer.from_pretrained(base_path)

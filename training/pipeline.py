@@ -79,6 +79,12 @@ def run_training(
              project, len(annotated), len(train), len(heldout), len(failed))
     if not train:
         raise ValueError(f"project {project} has no annotated training tasks ({len(heldout)} held out)")
+    if len(heldout) < max(1, settings.heldout_min_items):  # decided before training or evaluation is paid for
+        reason = (f"not enough evidence: the held-out split has {len(heldout)} items, fewer than "
+                  f"HELDOUT_MIN_ITEMS={settings.heldout_min_items}; nothing was trained or evaluated")
+        log.info("project %s: %s", project, reason)
+        return TrainingOutcome("rejected", None, reason, len(train), len(heldout), None, None,
+                               time.perf_counter() - started)
 
     base = resolve_base(settings)
     live = resolve(settings)
@@ -101,11 +107,8 @@ def run_training(
 
         after = evaluate(WhisperEngine(settings, resolved=candidate), heldout)
 
-        gain = before.error_rate - after.error_rate if heldout else float("nan")
-        if len(heldout) < settings.heldout_min_items:
-            promote, reason = False, (f"held-out split has {len(heldout)} items, fewer than "
-                                      f"HELDOUT_MIN_ITEMS={settings.heldout_min_items}: nothing to measure")
-        elif gain >= settings.promote_min_gain:
+        gain = before.error_rate - after.error_rate
+        if gain >= settings.promote_min_gain:
             promote, reason = True, f"gain {gain:.3f} ≥ PROMOTE_MIN_GAIN {settings.promote_min_gain}"
         else:
             promote, reason = False, f"gain {gain:.3f} < PROMOTE_MIN_GAIN {settings.promote_min_gain}"
@@ -114,7 +117,7 @@ def run_training(
             version=version, base_version=base.version, base_model=base.path, parent=live.version,
             project=project, created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             train_size=len(train), heldout_size=len(heldout),
-            error_before=before.error_rate if heldout else None, error_after=after.error_rate if heldout else None,
+            error_before=before.error_rate, error_after=after.error_rate,
             params=args.to_dict() | {"steps": result.steps, "final_loss": result.final_loss,
                                      "train_seconds": round(result.seconds, 1), "device": result.device,
                                      "peak_memory_mb": result.peak_memory_mb},
