@@ -6,6 +6,7 @@
     loopscribe bench engine [--clips DIR] [--batch-size N] [--large-v3 DIR]
     loopscribe bench train [--model M] [--shape large-v3] [--steps N] [--encoder]
     loopscribe bench export [--tasks 1000] [--format F]
+    loopscribe bench probe [--slow 20] [--burst 20]
     loopscribe bench uncertainty [--vocabulary N] [--json FILE]
     loopscribe bench loop [--rounds R] [--k K] [--strategy entropy|random]
     loopscribe up | down | status [--json]
@@ -412,6 +413,12 @@ def cmd_bench_backend(args: argparse.Namespace, settings: Settings) -> int:
     return bench_backend(args, settings)
 
 
+def cmd_bench_probe(args: argparse.Namespace, settings: Settings) -> int:
+    from .bench_probe import bench_probe
+
+    return bench_probe(args, settings)
+
+
 def cmd_bench_export(args: argparse.Namespace, settings: Settings) -> int:
     from .bench import bench_export
 
@@ -479,6 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=10, help="requests (each with fresh audio)")
     p.add_argument("--keep", action="store_true", help="keep the bench project")
     p.set_defaults(func=cmd_bench_backend)
+    p = bench.add_parser("probe", help="/health under slow clients and a /predict burst (needs `up`; loopback)")
+    p.add_argument("--slow", type=int, default=20, help="connections that never finish their headers")
+    p.add_argument("--burst", type=int, default=20, help="parallel /predict requests, one task each")
+    p.add_argument("--keep", action="store_true", help="keep the probe project")
+    p.set_defaults(func=cmd_bench_probe)
     p = bench.add_parser("loop", help="held-out WER vs corrections, entropy ranking vs random (needs `up`)")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--k", type=int, default=8, help="tasks annotated per round")
