@@ -31,7 +31,8 @@ import httpx
 import requests
 
 from ml_backend.ledger import Ledger
-from ml_backend.model_store import resolve, resolve_base
+from ml_backend.live import live_model
+from ml_backend.model_store import resolve_base
 from ml_backend.registry import Registry, RegistryError
 from ml_backend.settings import Settings
 
@@ -47,7 +48,7 @@ def cmd_model_install(args: argparse.Namespace, settings: Settings) -> int:
 
     for name in args.names or ["base"]:
         path = model_store.install(settings, name, force=args.force)
-        resolved = model_store.resolve(settings, name)
+        resolved = model_store.resolve_base(settings, name)
         print(f"{name}\t{resolved.version}\t{path}")
     return 0
 
@@ -56,7 +57,7 @@ def cmd_model_list(args: argparse.Namespace, settings: Settings) -> int:
     from ml_backend import model_store
 
     for name, bundled in model_store.BUNDLED.items():
-        state = model_store.resolve(settings, name).version if model_store.is_installed(settings, name) else "not installed"
+        state = model_store.resolve_base(settings, name).version if model_store.is_installed(settings, name) else "not installed"
         marker = "*" if name == settings.whisper_model else " "
         print(f"{marker} {name:8s} {state:28s} {bundled.description}")
     return 0
@@ -106,7 +107,7 @@ def cmd_transcribe(args: argparse.Namespace, settings: Settings) -> int:
 
 
 DEMO_PROJECT = "Loopscribe demo"
-LABEL_CONFIG = Path(__file__).resolve().parents[1] / "label_config.xml"
+from .paths import LABEL_CONFIG  # noqa: E402
 
 
 def _project_report(ls, settings: Settings) -> list[dict]:
@@ -136,8 +137,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     from ml_backend import model_store
 
     from . import labelstudio, stack
-    from .corpus import shared_clips
-    from .synth import demo_clips
+    from .demo import demo_clips, shared_clips
 
     values = stack.ensure_env_file()
     stack.load_env_file()
@@ -179,15 +179,13 @@ def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
-    from ml_backend.engine import expected_version
-
     from . import jobs, labelstudio, stack
 
     paths = stack.StackPaths(settings.home)
     status: dict = {
         "label_studio_url": settings.label_studio_url,
         "backend_url": settings.backend_url,
-        "live_model_version": expected_version(settings),
+        "live_model_version": live_model(settings).version,
         "processes": {n: stack.running_pid(paths, n) for n in stack.SERVICES},
         "queue": jobs.queue_status(settings),
         "projects": [],
@@ -275,7 +273,7 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
 
     registry = Registry(settings.home)
     base = resolve_base(settings)
-    live = resolve(settings).version
+    live = live_model(settings).registry_version
     if args.models_command == "list":
         print(f"{'version':46s} {'status':9s} {'parent':46s} {'train':>5s} {'held':>5s} {'before':>7s} {'after':>7s}")
         print(f"{base.version:46s} {'live' if live == base.version else 'base':9s} {'':46s}")
@@ -401,52 +399,10 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def cmd_bench_engine(args: argparse.Namespace, settings: Settings) -> int:
-    from .bench import bench_engine
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from .bench import run
 
-    return bench_engine(args, settings)
-
-
-def cmd_bench_backend(args: argparse.Namespace, settings: Settings) -> int:
-    from .bench import bench_backend
-
-    return bench_backend(args, settings)
-
-
-def cmd_bench_probe(args: argparse.Namespace, settings: Settings) -> int:
-    from .bench_probe import bench_probe
-
-    return bench_probe(args, settings)
-
-
-def cmd_bench_export(args: argparse.Namespace, settings: Settings) -> int:
-    from .bench import bench_export
-
-    return bench_export(args, settings)
-
-
-def cmd_bench_loop(args: argparse.Namespace, settings: Settings) -> int:
-    from .bench_loop import bench_loop
-
-    return bench_loop(args, settings)
-
-
-def cmd_bench_uncertainty(args: argparse.Namespace, settings: Settings) -> int:
-    from .bench_uncertainty import bench_uncertainty
-
-    return bench_uncertainty(args, settings)
-
-
-def cmd_bench_retrain(args: argparse.Namespace, settings: Settings) -> int:
-    from .bench import bench_retrain
-
-    return bench_retrain(args, settings)
-
-
-def cmd_bench_train(args: argparse.Namespace, settings: Settings) -> int:
-    from .bench_train import bench_train
-
-    return bench_train(args, settings)
+    return run(args.bench_command, args, settings)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -480,17 +436,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=1, help="timed passes per engine (best is kept)")
     p.add_argument("--large-v3", type=Path, help="local large-v3 (HF dir with a ct2/ sibling) to bench on a GPU")
     p.add_argument("--json", type=Path, help="also write the table as JSON here")
-    p.set_defaults(func=cmd_bench_engine)
+    p.set_defaults(func=cmd_bench)
     p = bench.add_parser("backend", help="/predict latency and bulk pre-annotation throughput (needs `up`)")
     p.add_argument("--tasks", type=int, default=10, help="tasks per /predict request")
     p.add_argument("--repeats", type=int, default=10, help="requests (each with fresh audio)")
     p.add_argument("--keep", action="store_true", help="keep the bench project")
-    p.set_defaults(func=cmd_bench_backend)
+    p.set_defaults(func=cmd_bench)
     p = bench.add_parser("probe", help="/health under slow clients and a /predict burst (needs `up`; loopback)")
     p.add_argument("--slow", type=int, default=20, help="connections that never finish their headers")
     p.add_argument("--burst", type=int, default=20, help="parallel /predict requests, one task each")
     p.add_argument("--keep", action="store_true", help="keep the probe project")
-    p.set_defaults(func=cmd_bench_probe)
+    p.set_defaults(func=cmd_bench)
     p = bench.add_parser("loop", help="held-out WER vs corrections, entropy ranking vs random (needs `up`)")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--k", type=int, default=8, help="tasks annotated per round")
@@ -500,12 +456,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random strategy's seed")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="where loop.png and loop.json go")
     p.add_argument("--keep", action="store_true", help="keep the scratch projects")
-    p.set_defaults(func=cmd_bench_loop)
+    p.set_defaults(func=cmd_bench)
     p = bench.add_parser("uncertainty", help="how well each uncertainty signal finds utterances with errors")
     p.add_argument("--vocabulary", type=int, default=24, help="clips with invented product names (default 24)")
     p.add_argument("--json", type=Path, help="write per-utterance signals and errors here")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_bench_uncertainty)
+    p.set_defaults(func=cmd_bench)
     p = bench.add_parser("export", help="export time for a generated project of N annotated tasks (needs `up`)")
     p.add_argument("--tasks", type=int, default=1000)
     p.add_argument("--format", action="append", choices=("hf", "nemo", "jsonl", "srt", "vtt"),
@@ -513,12 +469,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="where to write the exports (default: a scratch folder, removed)")
     p.add_argument("--keep", action="store_true", help="keep the project and the exports")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_bench_export)
+    p.set_defaults(func=cmd_bench)
     p = bench.add_parser("retrain", help="time from queued training job to promoted model (needs `up`)")
     p.add_argument("--corrections", type=int, default=100, help="annotated tasks (made-up vocabulary)")
     p.add_argument("--epochs", type=int, help="override TRAIN_EPOCHS")
     p.add_argument("--keep", action="store_true", help="keep the project and the new live version")
-    p.set_defaults(func=cmd_bench_retrain)
+    p.set_defaults(func=cmd_bench)
     p = bench.add_parser("train", help="seconds per LoRA training step and peak memory, per model (GPU or CPU)")
     p.add_argument("--model", action="append", help="bundled name or local Whisper directory (repeatable; "
                    "default WHISPER_MODEL unless --shape is given)")
@@ -532,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "+ espeak-ng sentences)")
     p.add_argument("--json", type=Path, help="also write the table as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_bench_train)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("up", help="start Label Studio and the ML backend, create and pre-annotate the demo project")
     p.add_argument("-q", "--quiet", action="store_true")

@@ -20,7 +20,13 @@ import numpy as np
 import requests
 from label_studio_sdk import LabelStudio
 
-from ml_backend.audio import SAMPLE_RATE, AudioDecodeError, content_hash, decode_audio, split_at_pauses
+from ml_backend.audio import (
+    SAMPLE_RATE,
+    AudioDecodeError,
+    content_hash,
+    decode_audio,
+    split_at_pauses,
+)
 from ml_backend.fetch import AudioFetcher, AudioFetchError, load_task_audio
 from ml_backend.label_config import parse_label_config
 from ml_backend.predictions import to_prediction

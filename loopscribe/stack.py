@@ -21,7 +21,7 @@ from dotenv import dotenv_values
 
 from ml_backend.settings import Settings
 
-from .corpus import REPO_ROOT
+from .paths import REPO_ROOT
 
 ENV_FILE = Path(os.environ.get("LOOPSCRIBE_ENV_FILE") or REPO_ROOT / ".env")
 LS_VENV = Path(os.environ.get("LABEL_STUDIO_VENV") or REPO_ROOT / ".venv-ls")

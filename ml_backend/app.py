@@ -24,7 +24,13 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from flask import Flask, Response, jsonify, request
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException
 
@@ -33,7 +39,15 @@ from .fetch import AudioFetcher, AudioFetchError, load_task_audio
 from .label_config import LabelConfigError, parse_label_config
 from .ledger import Ledger
 from .live import LiveEngine
-from .payloads import TRAIN_ACTION, PayloadError, PredictRequest, SetupRequest, WebhookEvent, parse, parse_task
+from .payloads import (
+    TRAIN_ACTION,
+    PayloadError,
+    PredictRequest,
+    SetupRequest,
+    WebhookEvent,
+    parse,
+    parse_task,
+)
 from .predictions import to_prediction
 from .projects import ProjectDirectory, ProjectState
 from .safelog import clip
@@ -86,12 +100,16 @@ class PredictionService:
     def warm_up(self) -> threading.Thread:
         """Load the model in the background so the first /predict does not pay for it; then keep
         watching the registry so a promoted version is loaded before it is asked for."""
-        from .text import normalize
-
         # transformers' lazy imports are not thread-safe: a request importing it while the warm-up thread does
         # failed with "cannot import name 'WhisperFeatureExtractor'". Import here, before any request thread.
         import transformers  # noqa: F401
-        from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizer  # noqa: F401
+        from transformers import (  # noqa: F401
+            WhisperFeatureExtractor,
+            WhisperForConditionalGeneration,
+            WhisperTokenizer,
+        )
+
+        from .text import normalize
 
         normalize("warm up")  # the ledger's normalizer, ready before the first webhook
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .whisper import TIME_PRECISION
+
 SAMPLE_LEN = 224  # Whisper samples at most n_text_ctx // 2 tokens per 30 s window
 MAX_INITIAL_TIMESTAMP = 1.0  # seconds
 
@@ -91,7 +93,7 @@ class WhisperDecoder:
         control = list(range(special.eot + 1, special.timestamp_begin))
         self.suppress = torch.tensor(sorted({t for t in suppress_tokens + control if 0 <= t < vocab}))
         self.begin_suppress = torch.tensor([t for t in begin_suppress if 0 <= t < vocab], dtype=torch.long)
-        self.max_initial_timestamp_index = round(MAX_INITIAL_TIMESTAMP / 0.02)
+        self.max_initial_timestamp_index = round(MAX_INITIAL_TIMESTAMP / TIME_PRECISION)
         self.lang_codes = list(special.languages)
         self.lang_ids = torch.tensor(list(special.languages.values()), dtype=torch.long)
 

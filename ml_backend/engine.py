@@ -20,15 +20,29 @@ import numpy as np
 import torch
 
 from . import audio as audio_lib
-from .decoding import DecodedSequence, SpecialTokens, WhisperDecoder
-from .model_store import ResolvedModel, resolve
+from .decoding import DecodedSequence, WhisperDecoder
+from .live import live_model, served_version
+from .model_store import ResolvedModel, resolve_base
 from .settings import Settings
-from .uncertainty import NO_SPEECH_THRESHOLD, LOGPROB_THRESHOLD, Uncertainty, compression_ratio, confidence, max_run
+from .uncertainty import (
+    LOGPROB_THRESHOLD,
+    NO_SPEECH_THRESHOLD,
+    Uncertainty,
+    compression_ratio,
+    confidence,
+    max_run,
+)
+from .whisper import (
+    TIME_PRECISION,
+    avoid_cudnn_attention,
+    load_whisper,
+    pick_device,
+    pick_dtype,
+    quantizes,
+)
 
 log = logging.getLogger(__name__)
 
-TIME_PRECISION = 0.02  # seconds per timestamp token
-MULTILINGUAL_VOCAB_SIZE = 51865  # English-only checkpoints have 51864 tokens
 MIN_TAIL_SECONDS = 1.0  # an undecoded window end shorter than this is left alone
 MAX_TAIL_ROUNDS = 2
 
@@ -106,64 +120,18 @@ class _WindowResult:
     speech: bool = field(default=True)
 
 
-def version_string(resolved: ResolvedModel, quantized: bool) -> str:
-    """The model_version predictions carry: the weights' version, marked when quantized."""
-    return served_version(resolved.version, quantized)
-
-
-def served_version(version: str, quantized: bool) -> str:
-    """A registry version as predictions name it: ``-int8`` marks a dynamically quantized model."""
-    return version + ("-int8" if quantized else "")
-
-
-def quantizes(settings: Settings) -> bool:
-    """Whether an engine built from ``settings`` quantizes (``WHISPER_QUANTIZE`` applies on CPU only)."""
-    return settings.quantize and pick_device(settings.device).type == "cpu"
-
-
-def expected_version(settings: Settings) -> str:
-    """The version an engine built from ``settings`` will report, without loading the model."""
-    return version_string(resolve(settings), quantizes(settings))
-
-
-def pick_device(setting: str) -> torch.device:
-    """``WHISPER_DEVICE``: ``auto`` (CUDA when present), ``cuda`` or ``cpu``; serving and training both ask here."""
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
-
-
-def avoid_cudnn_attention() -> None:
-    """Route scaled-dot-product attention away from cuDNN (to flash / memory-efficient kernels).
-
-    PyTorch prefers cuDNN attention on Hopper in fp16/bf16, and cuDNN builds an execution plan
-    for every new shape. Whisper decoding makes a new shape at every step (the KV cache grows)
-    and every batch size, so the first pass over new audio ran 4.5x slower on an H100 (26.9 s
-    against 6.0 s for 263 s of audio, batch 8) and the first LoRA epoch 2.9x slower; once every
-    plan was cached both backends were as fast. Process-wide, so call it only on CUDA.
-    """
-    torch.backends.cuda.enable_cudnn_sdp(False)
-
-
-def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
-    """``WHISPER_DTYPE``: ``auto`` is bf16 (fp16 where bf16 is missing) on CUDA and fp32 on CPU."""
-    if setting != "auto":
-        return getattr(torch, setting)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
 class WhisperEngine:
     """Whisper with uncertainty; thread-safe (one decode at a time, cache shared)."""
 
     def __init__(self, settings: Settings | None = None, model: str | None = None, *, install_missing: bool = False,
                  resolved: ResolvedModel | None = None):
-        from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizer
-        from transformers.models.whisper.tokenization_whisper import LANGUAGES
-
+        """``model`` (a bundled name, a directory, a hub id) is served as is; without it (and without
+        ``resolved``) the engine serves the live model: ``WHISPER_MODEL`` plus the registry's live adapter."""
         self.settings = settings or Settings.from_env()
-        self.resolved: ResolvedModel = resolved or resolve(self.settings, model, install_missing=install_missing)
+        if resolved is None:
+            resolved = (resolve_base(self.settings, model, install_missing=install_missing) if model
+                        else live_model(self.settings, install_missing=install_missing).resolved)
+        self.resolved: ResolvedModel = resolved
         self.device = pick_device(self.settings.device)
         self.dtype = pick_dtype(self.settings.dtype, self.device)
         if self.device.type == "cpu" and self.settings.cpu_threads > 0:
@@ -172,24 +140,15 @@ class WhisperEngine:
             avoid_cudnn_attention()
         log.info("loading %s (%s) on %s/%s", self.resolved.name, self.resolved.version, self.device, self.dtype)
 
-        self.tokenizer = WhisperTokenizer.from_pretrained(self.resolved.path)
-        self.feature_extractor = WhisperFeatureExtractor.from_pretrained(self.resolved.path)
-        model_ = WhisperForConditionalGeneration.from_pretrained(
-            self.resolved.path, dtype=self.dtype, attn_implementation="sdpa"
-        )
-        if self.resolved.adapter:
-            from peft import PeftModel
-
-            log.info("merging LoRA adapter %s", self.resolved.adapter)
-            model_ = PeftModel.from_pretrained(model_, self.resolved.adapter).merge_and_unload()
-        model_ = model_.to(self.device).eval()
+        whisper = load_whisper(self.resolved.path, dtype=self.dtype, adapter=self.resolved.adapter)
+        self.tokenizer, self.feature_extractor = whisper.tokenizer, whisper.feature_extractor
+        self.special = whisper.special
+        model_ = whisper.model.to(self.device).eval()
         self.quantized = quantizes(self.settings)
         if self.quantized:
             model_ = torch.ao.quantization.quantize_dynamic(model_, {torch.nn.Linear}, dtype=torch.qint8)
         self.model = model_
         config = model_.config
-        multilingual = config.vocab_size >= MULTILINGUAL_VOCAB_SIZE
-        self.special = SpecialTokens.from_tokenizer(self.tokenizer, list(LANGUAGES), multilingual)
         self.decoder = WhisperDecoder(
             model_, self.special, list(config.suppress_tokens or []), list(config.begin_suppress_tokens or [])
         )
@@ -198,7 +157,7 @@ class WhisperEngine:
 
     @property
     def model_version(self) -> str:
-        return version_string(self.resolved, self.quantized)
+        return served_version(self.resolved.version, self.quantized)
 
     @property
     def languages(self) -> list[str]:

@@ -1,4 +1,10 @@
-"""The live engine: whatever version the registry says is live, swapped in without a restart.
+"""Which model is live, decided here and nowhere else, and the engine that serves it without restarts.
+
+:func:`live_model` is the one answer to "what serves now": ``WHISPER_MODEL`` (resolved by
+:func:`~ml_backend.model_store.resolve_base`, which knows nothing of the registry), the registry's
+live adapter on top of it if one was promoted for that base, and the name predictions carry
+(``-int8`` when ``WHISPER_QUANTIZE`` applies). The backend, the worker, the CLI, the training
+pipeline and the benchmarks all ask it.
 
 Serving (the backend) and the worker both hold one :class:`LiveEngine`. Each use checks
 the registry's pointer (a small file read); when it names another version the new model
@@ -10,12 +16,52 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass, replace
 from typing import Callable
 
-from .model_store import resolve
+from .model_store import ResolvedModel, resolve_base
+from .registry import Registry
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+def served_version(version: str, quantized: bool) -> str:
+    """A model version as predictions name it: ``-int8`` marks a dynamically quantized model."""
+    return version + ("-int8" if quantized else "")
+
+
+@dataclass(frozen=True)
+class LiveModel:
+    resolved: ResolvedModel  # the base, with the live adapter when one is promoted
+    quantized: bool
+
+    @property
+    def version(self) -> str:
+        """The ``model_version`` predictions, ``/setup`` and the project carry."""
+        return served_version(self.resolved.version, self.quantized)
+
+    @property
+    def registry_version(self) -> str:
+        """The registry's name for it (no ``-int8``): what ``models promote/rollback`` take."""
+        return self.resolved.version
+
+    @property
+    def base_version(self) -> str:
+        return self.resolved.root_version
+
+
+def live_model(settings: Settings, *, install_missing: bool = False) -> LiveModel:
+    """What serves now, without loading anything."""
+    from .whisper import quantizes
+
+    base = resolve_base(settings, install_missing=install_missing)
+    registry = Registry(settings.home)
+    live = registry.live(base.version)
+    resolved = base if live is None else replace(base, version=live.version,
+                                                  adapter=str(registry.adapter_path(live.version)),
+                                                  base_version=base.version)
+    return LiveModel(resolved, quantizes(settings))
 
 
 class LiveEngine:
@@ -31,16 +77,13 @@ class LiveEngine:
         """The version that is (or is about to be) served, without loading anything."""
         if self._pinned:
             return self._engine.model_version
-        from .engine import expected_version
-
-        return expected_version(self.settings)
+        return live_model(self.settings).version
 
     def served_version(self, version: str) -> str:
         """How predictions name registry version ``version`` when this engine serves it."""
-        from .engine import quantizes, served_version
-
-        quantized = getattr(self._engine, "quantized", False) if self._pinned else quantizes(self.settings)
-        return served_version(version, quantized)
+        if self._pinned:
+            return served_version(version, getattr(self._engine, "quantized", False))
+        return served_version(version, live_model(self.settings).quantized)
 
     def get(self):
         """The engine for the live version, loading or swapping it first when needed."""
@@ -63,7 +106,7 @@ class LiveEngine:
             return self._factory(self.settings)
         from .engine import WhisperEngine
 
-        return WhisperEngine(self.settings, resolved=resolve(self.settings))
+        return WhisperEngine(self.settings, resolved=live_model(self.settings).resolved)
 
     def watch(self, interval: float = 2.0) -> threading.Thread:
         """Poll the registry in the background, so a promotion is loaded before the next request needs it."""

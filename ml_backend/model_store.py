@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from .settings import Settings
@@ -219,25 +219,11 @@ def _local_version(path: Path) -> str:
     return f"{path.name}-{digest.hexdigest()[:8]}"
 
 
-def resolve(settings: Settings, spec: str | None = None, *, install_missing: bool = False) -> ResolvedModel:
-    """The model to serve: ``WHISPER_MODEL`` with the registry's live fine-tuned version applied.
-
-    An explicit ``spec`` (a bundled name, a local directory, a hub id) means that model as is.
-    """
-    base = resolve_base(settings, spec, install_missing=install_missing)
-    if spec is not None:
-        return base
-    from .registry import Registry
-
-    live = Registry(settings.home).live(base.version)
-    if live is None:
-        return base
-    return replace(base, version=live.version, adapter=str(Registry(settings.home).adapter_path(live.version)),
-                   base_version=base.version)
-
-
 def resolve_base(settings: Settings, spec: str | None = None, *, install_missing: bool = False) -> ResolvedModel:
-    """Turn ``WHISPER_MODEL`` (a bundled name, a local directory or a hub id) into a loadable model."""
+    """Turn ``WHISPER_MODEL`` (or ``spec``: a bundled name, a local directory or a hub id) into a loadable model.
+
+    Knows nothing of the registry: the live fine-tuned version is :func:`ml_backend.live.live_model`'s business.
+    """
     spec = spec or settings.whisper_model
     if spec in BUNDLED:
         if not is_installed(settings, spec):

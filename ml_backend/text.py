@@ -10,7 +10,10 @@ CHARACTER_LANGUAGES = {"zh", "ja", "th", "lo", "km", "my", "bo", "yue"}
 
 @lru_cache(maxsize=2)
 def _normalizer(english: bool):
-    from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
+    from transformers.models.whisper.english_normalizer import (
+        BasicTextNormalizer,
+        EnglishTextNormalizer,
+    )
 
     return EnglishTextNormalizer({}) if english else BasicTextNormalizer()
 

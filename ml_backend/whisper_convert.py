@@ -16,6 +16,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from .whisper import is_multilingual
+
 # CTranslate2 dtype codes → numpy dtypes.
 _CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
 _BF16 = 5
@@ -145,7 +147,12 @@ def convert_ct2_to_hf(ct2_dir: Path, out_dir: Path) -> None:
     """Write a complete HF Whisper directory from ``ct2_dir`` (model.bin, config.json, tokenizer.json)."""
     import torch
     from safetensors.torch import save_file
-    from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperTokenizer
+    from transformers import (
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperTokenizer,
+    )
     from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
     ct2_dir, out_dir = Path(ct2_dir), Path(out_dir)
@@ -157,7 +164,7 @@ def convert_ct2_to_hf(ct2_dir: Path, out_dir: Path) -> None:
     _ensure_timestamp_tokens(tokenizer)
 
     vocab_size, d_model = variables["decoder/embeddings/weight"].shape
-    multilingual = vocab_size >= 51865  # English-only (*.en) checkpoints have 51864
+    multilingual = is_multilingual(vocab_size)
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in (
         "<|endoftext|>", "<|startoftranscript|>", "<|translate|>", "<|transcribe|>",
         "<|startofprev|>", "<|notimestamps|>")}

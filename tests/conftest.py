@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loopscribe.corpus import shared_audio_dir
+from loopscribe.demo import shared_audio_dir
 from ml_backend.audio import decode_audio
 from ml_backend.settings import Settings
 
@@ -56,7 +56,7 @@ def clip(shared_audio: Path):
 
 @pytest.fixture(scope="session")
 def espeak_dir(tmp_path_factory) -> Path:
-    from loopscribe.synth import have_espeak
+    from loopscribe.demo import have_espeak
 
     if not have_espeak():
         pytest.fail("espeak-ng is not installed; ./scripts/test installs it")

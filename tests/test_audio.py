@@ -8,7 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ml_backend.audio import SAMPLE_RATE, AudioDecodeError, decode_audio, split_at_pauses
+from ml_backend.audio import (
+    SAMPLE_RATE,
+    AudioDecodeError,
+    decode_audio,
+    split_at_pauses,
+)
 
 FORMATS = {
     "wav": ["-c:a", "pcm_s16le"],

@@ -6,8 +6,8 @@ import json
 import math
 from types import SimpleNamespace
 
-from loopscribe.bench_loop import Curve
-from loopscribe.bench_uncertainty import score_signals
+from loopscribe.bench.loop import Curve
+from loopscribe.bench.uncertainty import score_signals
 
 
 def test_corrections_to_reach_interpolates_the_first_crossing():

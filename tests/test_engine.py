@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from loopscribe.synth import SENTENCES, speak, with_noise
+from loopscribe.demo import SENTENCES, speak, with_noise
 from ml_backend.audio import SAMPLE_RATE, decode_audio
 from ml_backend.engine import TranscribeOptions, Transcription
 from ml_backend.uncertainty import MAX_TOKEN_RUN, max_run

@@ -24,7 +24,14 @@ from ml_backend.ledger import Ledger
 from ml_backend.text import normalize
 from training.dataset import AnnotatedTask
 from training.export import (
-    Cue, ExportError, ExportOptions, ExportRecord, atomic_directory, export_project, render_subtitles, source_cues,
+    Cue,
+    ExportError,
+    ExportOptions,
+    ExportRecord,
+    atomic_directory,
+    export_project,
+    render_subtitles,
+    source_cues,
 )
 
 CONFIG = (Path(__file__).resolve().parents[1] / "label_config.xml").read_text()

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from loopscribe import labelstudio, stack
-from loopscribe.synth import SENTENCES, demo_clips, speak
+from loopscribe.demo import SENTENCES, demo_clips, speak
 
 pytestmark = pytest.mark.slow
 CONFIG = (Path(__file__).resolve().parents[1] / "label_config.xml").read_text()

@@ -18,10 +18,11 @@ import pytest
 import requests
 
 from loopscribe import labelstudio, stack
-from loopscribe.synth import SENTENCES, vocabulary_clips
+from loopscribe.bench.synth import vocabulary_clips
+from loopscribe.demo import SENTENCES
 from ml_backend.annotations import extract
 from ml_backend.ledger import Ledger
-from ml_backend.model_store import resolve
+from ml_backend.live import live_model
 from ml_backend.registry import Registry
 from ml_backend.text import normalize
 from training.dataset import heldout_by_hash
@@ -166,7 +167,7 @@ def wrong_project(loop, ls, engine):
 
 def test_worse_candidate_is_rejected_and_live_unchanged(loop, wrong_project):
     s = loop[0]
-    live_before = resolve(s).version
+    live_before = live_model(s).version
     proc = cli(loop, "train", "--project", str(wrong_project), "--wait")
     assert proc.returncode == 0, proc.stderr[-3000:]
     job = Ledger(s.home / "ledger.db").jobs(project=wrong_project)[0]
@@ -174,7 +175,7 @@ def test_worse_candidate_is_rejected_and_live_unchanged(loop, wrong_project):
     version = Registry(s.home).get(job.version)
     print(f"\nrejected {job.version}: held-out error {version.error_before:.3f} → {version.error_after:.3f}")
     assert version.status == "rejected" and version.error_after > version.error_before
-    assert resolve(s).version == live_before and backend_version(s) == live_before
+    assert live_model(s).version == live_before and backend_version(s) == live_before
     listing = cli(loop, "models", "list").stdout
     assert job.version in listing and "rejected" in listing
 

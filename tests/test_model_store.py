@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ml_backend import model_store
-from ml_backend.model_store import ModelNotInstalledError, resolve
+from ml_backend.model_store import ModelNotInstalledError, resolve_base
 
 
 @pytest.fixture
@@ -60,16 +60,16 @@ def test_failed_verification_leaves_nothing_behind(scratch_settings, monkeypatch
 
 
 def test_resolve(settings, engine, tmp_path):
-    assert resolve(settings, "base").version == engine.resolved.version
-    local = resolve(settings, engine.resolved.path)
+    assert resolve_base(settings, "base").version == engine.resolved.version
+    local = resolve_base(settings, engine.resolved.path)
     assert local.path == str(Path(engine.resolved.path).resolve()) and local.version.startswith("hf-")
-    assert resolve(settings, "openai/whisper-small").path == "openai/whisper-small"
+    assert resolve_base(settings, "openai/whisper-small").path == "openai/whisper-small"
     with pytest.raises(ModelNotInstalledError, match="no config.json"):
-        resolve(settings, str(tmp_path))
+        resolve_base(settings, str(tmp_path))
     with pytest.raises(ModelNotInstalledError, match="loopscribe model install"):
-        resolve(replace(settings, home=tmp_path), "tiny.en")
+        resolve_base(replace(settings, home=tmp_path), "tiny.en")
     with pytest.raises(ModelNotInstalledError):
-        resolve(settings, "no-such-model")
+        resolve_base(settings, "no-such-model")
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 
 from ml_backend.live import LiveEngine
+from ml_backend.model_store import ResolvedModel
 from ml_backend.registry import ModelVersion, Registry, RegistryError
 
 BASE = "whisper-base-abc"
@@ -60,8 +61,9 @@ def test_add_is_atomic_and_versions_are_unique(tmp_path):
     assert [p.name for p in registry.versions_dir.iterdir()] == ["v1"]  # no temporary directory left
 
 
-def test_resolve_serves_the_live_version_over_the_installed_base(tmp_path, settings):
-    from ml_backend.model_store import resolve, resolve_base
+def test_live_model_is_the_live_version_over_the_installed_base(tmp_path, settings):
+    from ml_backend.live import live_model
+    from ml_backend.model_store import resolve_base
 
     (tmp_path / "models").symlink_to(settings.models_dir)
     s = replace(settings, home=tmp_path)
@@ -69,12 +71,14 @@ def test_resolve_serves_the_live_version_over_the_installed_base(tmp_path, setti
     registry = Registry(tmp_path)
     v1 = candidate(registry, tmp_path, "v1")
     registry.update(v1, base_version=base.version)
-    assert resolve(s).version == base.version and resolve(s).adapter is None
+    assert live_model(s).version == base.version and live_model(s).resolved.adapter is None
     registry.promote(v1, base.version)
-    live = resolve(s)
+    live = live_model(s).resolved
     assert (live.version, live.root_version, live.path) == (v1, base.version, base.path)
     assert live.adapter == str(registry.adapter_path(v1))
-    assert resolve(s, "base").adapter is None  # an explicit model name means that model as is
+    assert resolve_base(s, "base").adapter is None  # an explicit model name means that model as is
+    quantized = live_model(replace(s, quantize=True, device="cpu"))
+    assert (quantized.version, quantized.registry_version) == (f"{v1}-int8", v1)
 
 
 class FakeEngine:
@@ -86,12 +90,13 @@ class FakeEngine:
 
 
 def test_live_engine_hot_swaps_on_promotion_and_rollback(tmp_path, monkeypatch, settings):
-    from ml_backend import engine as engine_module
+    from ml_backend import live as live_module
 
     s = replace(settings, home=tmp_path)
     registry = Registry(tmp_path)
     live_version = {"v": BASE}
-    monkeypatch.setattr(engine_module, "expected_version", lambda _settings: live_version["v"])
+    monkeypatch.setattr(live_module, "live_model",
+                        lambda _settings: live_module.LiveModel(ResolvedModel("m", "p", live_version["v"]), False))
     live = LiveEngine(s, factory=lambda _s: FakeEngine(live_version["v"]))
     assert live.get().model_version == BASE
     assert live.get() is live.get() and FakeEngine.loads == 1  # no reload while nothing changes

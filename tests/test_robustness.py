@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import logging
-import os
-import shutil
 import socket
 import subprocess
 import threading
@@ -394,7 +391,7 @@ def test_training_follows_whisper_device_and_dtype(settings):
 def test_quantized_live_version_is_listed_once(settings, tmp_path, standin):
     """Defect: with WHISPER_QUANTIZE=1, /versions listed the live model twice and `status` disagreed with
     the project's model_version (the registry name without -int8)."""
-    from ml_backend.engine import expected_version
+    from ml_backend.live import live_model
     from ml_backend.model_store import resolve_base
     from ml_backend.registry import ModelVersion, Registry
 
@@ -415,14 +412,14 @@ def test_quantized_live_version_is_listed_once(settings, tmp_path, standin):
     client = create_app(s).test_client()  # not pinned: the live model is worked out as in production
     versions = client.get("/versions", headers=AUTH).get_json()["versions"]
     live = client.post("/setup", json={}, headers=AUTH).get_json()["model_version"]
-    assert live == f"{base.version}-lora002-test-int8" == expected_version(s) == versions[0]
+    assert live == f"{base.version}-lora002-test-int8" == live_model(s).version == versions[0]
     assert versions == [live, f"{base.version}-lora001-test-int8"]
 
 
 def test_gate_skips_training_and_evaluation_when_heldout_is_too_small(settings, tmp_path, monkeypatch):
     """Defect: the gate evaluated both models even when the held-out split was too small to decide."""
     from training import pipeline
-    from training.lora import Example
+    from training.dataset import Example
 
     examples = [Example(task=i, audio=np.zeros(16000, np.float32), text="x", language="en") for i in range(6)]
     monkeypatch.setattr(pipeline, "export_annotated", lambda ls, project: (None, [type("T", (), {"task": i})()
@@ -482,8 +479,9 @@ def test_malformed_tasks_get_empty_results_and_the_rest_is_predicted(settings, e
 @pytest.fixture(scope="module")
 def served(settings, standin, tmp_path_factory):
     """The backend as `up` runs it, on loopback, with short client timeouts and few slots for quick probes."""
-    from loopscribe import stack
     from conftest import free_port
+
+    from loopscribe import stack
 
     home = tmp_path_factory.mktemp("served")
     (home / "models").symlink_to(settings.models_dir)

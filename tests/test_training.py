@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from ml_backend.ledger import Ledger
-from training.dataset import HELDOUT, TRAIN, frozen_splits, heldout_by_hash
-from training.lora import Example, LoraArguments, target_tokens
+from training.dataset import HELDOUT, TRAIN, Example, frozen_splits, heldout_by_hash
+from training.lora import LoraArguments, target_tokens
 
 
 @pytest.fixture(scope="module")

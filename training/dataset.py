@@ -11,17 +11,29 @@ from pathlib import Path
 import numpy as np
 
 from ml_backend.annotations import classify, extract
-from ml_backend.audio import AudioDecodeError
+from ml_backend.audio import SAMPLE_RATE, AudioDecodeError
 from ml_backend.fetch import AudioFetcher, AudioFetchError, load_task_audio
 from ml_backend.label_config import TranscriptionConfig, parse_label_config
 from ml_backend.ledger import Ledger
 from ml_backend.settings import Settings
 
-from .lora import Example
-
 log = logging.getLogger(__name__)
 
 HELDOUT, TRAIN = "heldout", "train"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One utterance to learn or score: 16 kHz mono audio, its corrected transcript and language."""
+
+    task: int
+    audio: np.ndarray = field(repr=False)
+    text: str
+    language: str | None
+
+    @property
+    def duration(self) -> float:
+        return self.audio.size / SAMPLE_RATE
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from typing import Sequence
 
 from ml_backend.text import CHARACTER_LANGUAGES
 
-from .lora import Example
+from .dataset import Example
 from .metrics import corpus_error_rate
 
 

@@ -33,7 +33,15 @@ from ml_backend.fetch import AudioFetchError
 from ml_backend.ledger import Ledger
 from ml_backend.settings import Settings
 
-from .dataset import HELDOUT, TRAIN, AnnotatedTask, AudioCache, annotated, frozen_splits, project_export
+from .dataset import (
+    HELDOUT,
+    TRAIN,
+    AnnotatedTask,
+    AudioCache,
+    annotated,
+    frozen_splits,
+    project_export,
+)
 
 log = logging.getLogger(__name__)
 

@@ -18,20 +18,28 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
 from ml_backend.audio import SAMPLE_RATE
 from ml_backend.decoding import SpecialTokens
 from ml_backend.settings import Settings
+from ml_backend.whisper import (
+    MAX_TIMESTAMP_INDEX,
+    TIME_PRECISION,
+    avoid_cudnn_attention,
+    load_whisper,
+    pick_device,
+    pick_dtype,
+)
+
+from .dataset import Example
 
 log = logging.getLogger(__name__)
 
-TIME_PRECISION = 0.02
 MAX_TARGET_TOKENS = 440  # Whisper's decoder context is 448
 ENCODER_CACHE_BYTES = 4 * 1024**3
 
@@ -67,20 +75,6 @@ class LoraArguments:
 
 
 @dataclass(frozen=True)
-class Example:
-    """One utterance to learn: 16 kHz mono audio, its corrected transcript and language."""
-
-    task: int
-    audio: np.ndarray = field(repr=False)
-    text: str
-    language: str | None
-
-    @property
-    def duration(self) -> float:
-        return self.audio.size / SAMPLE_RATE
-
-
-@dataclass(frozen=True)
 class TrainResult:
     adapter_dir: Path
     steps: int
@@ -109,7 +103,7 @@ def target_tokens(tokenizer, special: SpecialTokens, example: Example, timestamp
         prompt += [special.languages[language], special.transcribe]
     text = tokenizer.encode(" " + example.text.strip(), add_special_tokens=False)
     if timestamps:
-        end = min(round(example.duration / TIME_PRECISION), 1500)
+        end = min(round(example.duration / TIME_PRECISION), MAX_TIMESTAMP_INDEX)
         body = [special.timestamp_begin] + text + [special.timestamp_begin + end]
     else:
         body = [special.no_timestamps] + text
@@ -118,8 +112,6 @@ def target_tokens(tokenizer, special: SpecialTokens, example: Example, timestamp
 
 def device_and_precision(device_setting: str = "auto", dtype_setting: str = "auto") -> tuple[str, str]:
     """The training device and accelerate's mixed precision, from the settings serving uses."""
-    from ml_backend.engine import pick_device, pick_dtype
-
     device = pick_device(device_setting)
     precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(pick_dtype(dtype_setting, device), "no")
     if device.type == "cpu" and precision == "fp16":
@@ -141,9 +133,7 @@ def train_lora(
     from accelerate import Accelerator
     from peft import LoraConfig, get_peft_model
     from tqdm import tqdm
-    from transformers import (WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizer,
-                              get_linear_schedule_with_warmup)
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+    from transformers import get_linear_schedule_with_warmup
 
     if not examples:
         raise ValueError("no training examples")
@@ -153,11 +143,9 @@ def train_lora(
     device, precision = device_and_precision(args.device, args.dtype)
     accelerator = Accelerator(mixed_precision=precision, cpu=device == "cpu")
 
-    tokenizer = WhisperTokenizer.from_pretrained(base_path)
-    features = WhisperFeatureExtractor.from_pretrained(base_path)
-    model = WhisperForConditionalGeneration.from_pretrained(base_path, dtype=torch.float32)
+    loaded = load_whisper(base_path, dtype=torch.float32, attn_implementation=None)
+    tokenizer, features, special, model = loaded.tokenizer, loaded.feature_extractor, loaded.special, loaded.model
     model.config.use_cache = False
-    special = SpecialTokens.from_tokenizer(tokenizer, list(LANGUAGES), model.config.vocab_size >= 51865)
 
     modules = "|".join(args.target_modules)
     scope = r".*" if args.encoder else r".*decoder.*"
@@ -165,8 +153,6 @@ def train_lora(
                       target_modules=rf"{scope}\.({modules})$", bias="none")
     model = get_peft_model(model, lora)
     if device == "cuda":
-        from ml_backend.engine import avoid_cudnn_attention
-
         avoid_cudnn_attention()  # variable-length batches: a cuDNN plan per shape made epoch 1 2.9x slower
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if args.encoder:

@@ -17,7 +17,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from ml_backend.model_store import resolve, resolve_base
+from ml_backend.live import live_model
+from ml_backend.model_store import resolve_base
 from ml_backend.registry import ModelVersion, Registry
 from ml_backend.settings import Settings
 
@@ -87,7 +88,7 @@ def run_training(
                                time.perf_counter() - started)
 
     base = resolve_base(settings)
-    live = resolve(settings)
+    live = live_model(settings)
     args = LoraArguments.from_settings(settings, **{k: params[k] for k in ("epochs", "learning_rate", "r", "alpha")
                                                      if k in params})
     work = Path(tempfile.mkdtemp(prefix="train-", dir=settings.home))
@@ -114,7 +115,7 @@ def run_training(
             promote, reason = False, f"gain {gain:.3f} < PROMOTE_MIN_GAIN {settings.promote_min_gain}"
 
         info = ModelVersion(
-            version=version, base_version=base.version, base_model=base.path, parent=live.version,
+            version=version, base_version=base.version, base_model=base.path, parent=live.registry_version,
             project=project, created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             train_size=len(train), heldout_size=len(heldout),
             error_before=before.error_rate, error_after=after.error_rate,

@@ -21,8 +21,16 @@ from typing import Callable
 from ml_backend.engine import Transcription
 from ml_backend.settings import Settings
 
-from .corpus import ReferenceClip, shared_clips
-from .synth import SENTENCES, VOCABULARY, load, speak, vocabulary_clips, with_noise, write_wav
+from ..demo import (
+    SENTENCES,
+    ReferenceClip,
+    load,
+    shared_clips,
+    speak,
+    with_noise,
+    write_wav,
+)
+from .synth import VOCABULARY, vocabulary_clips
 
 # Each signal as "higher = less sure", so all are read the same way.
 SIGNALS: dict[str, Callable[[Transcription], float]] = {

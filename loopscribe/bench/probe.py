@@ -18,13 +18,14 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
 import requests
 
 from ml_backend.settings import Settings
+
+from ..paths import LABEL_CONFIG
 
 
 def _health(url: str) -> float:
@@ -46,8 +47,8 @@ def _slow_connections(url: str, n: int) -> list[socket.socket]:
 
 
 def bench_probe(args: argparse.Namespace, settings: Settings) -> int:
-    from . import labelstudio, stack
-    from .synth import SENTENCES, load, sentence_clips, with_noise, write_wav
+    from .. import labelstudio, stack
+    from ..demo import SENTENCES, load, sentence_clips, with_noise, write_wav
 
     url = settings.backend_url
     auth = (settings.basic_auth_user, settings.basic_auth_pass) if settings.basic_auth_user else None
@@ -61,7 +62,7 @@ def bench_probe(args: argparse.Namespace, settings: Settings) -> int:
         path = out / f"probe_{i:03d}.wav"
         write_wav(with_noise(load(base[i % len(base)].path), snr_db=40.0, seed=seed + i), path)
         paths.append(path)
-    label_config = (Path(__file__).resolve().parents[1] / "label_config.xml").read_text()
+    label_config = LABEL_CONFIG.read_text()
     project = ls.projects.create(title=f"probe {time.strftime('%Y%m%d-%H%M%S')}", label_config=label_config).id
     rows: list[tuple[str, str]] = []
     try:

@@ -39,9 +39,10 @@ import requests
 
 from ml_backend.settings import Settings
 
-from .bench_uncertainty import hard_variants
-from .corpus import ReferenceClip, shared_clips
-from .synth import TEMPLATES, domain_clips, load, template_of
+from ..demo import ReferenceClip, load, shared_clips
+from ..paths import LABEL_CONFIG
+from .synth import TEMPLATES, domain_clips, template_of
+from .uncertainty import hard_variants
 
 STRATEGIES = ("entropy", "random")
 
@@ -107,14 +108,15 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
                  pool: list[ReferenceClip], heldout_examples, media: Path) -> Curve:
     from ml_backend.engine import WhisperEngine
     from ml_backend.model_store import resolve_base
+    from training.dataset import Example
     from training.evaluate import evaluate
-    from training.lora import Example, LoraArguments, train_lora
+    from training.lora import LoraArguments, train_lora
 
-    from . import labelstudio
+    from .. import labelstudio
 
     started = time.perf_counter()
     truth = {c.path.name: c for c in pool}
-    config = (Path(__file__).resolve().parents[1] / "label_config.xml").read_text()
+    config = LABEL_CONFIG.read_text()
     project = ls.projects.create(title=f"bench loop {strategy} {time.strftime('%H%M%S')}", label_config=config).id
     curve = Curve(strategy)
     work = Path(tempfile.mkdtemp(prefix="bench-loop-", dir=settings.home))
@@ -193,9 +195,9 @@ def plot(curves: list[Curve], path: Path) -> None:
 
 def bench_loop(args: argparse.Namespace, settings: Settings) -> int:
     from ml_backend.engine import WhisperEngine
-    from training.lora import Example
+    from training.dataset import Example
 
-    from . import labelstudio, stack
+    from .. import labelstudio, stack
 
     ls = labelstudio.client(settings)
     pool, heldout = loop_pool(settings.home / "cache" / "loop", args.pool_domain, args.heldout_domain)

@@ -1,8 +1,14 @@
-"""Deterministic test and demo speech from espeak-ng (synthetic, but Whisper base reads it)."""
+"""The demo project's audio: espeak-ng sentences in four languages (some deliberately hard) and the
+real recordings in ``shared/audio``, each with its reference transcript.
+
+``up`` imports them into the demo project; tests and benchmarks reuse them. Synthetic speech
+made only for benchmarks lives in :mod:`loopscribe.bench.synth`.
+"""
 
 from __future__ import annotations
 
-import hashlib
+import json
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -11,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from ml_backend.audio import SAMPLE_RATE, decode_audio
+
+from .paths import REPO_ROOT
 
 # Languages whose espeak-ng voices Whisper base recognizes (FACTS.md); others come out garbled.
 SENTENCES: dict[str, list[str]] = {
@@ -36,10 +44,15 @@ SENTENCES: dict[str, list[str]] = {
 
 
 @dataclass(frozen=True)
-class SynthClip:
+class ReferenceClip:
+    """A recording and what is said in it."""
+
     path: Path
     text: str
-    language: str
+    language: str  # the main language; bilingual files carry several segments
+
+
+SynthClip = ReferenceClip  # espeak-ng speech is a reference clip too
 
 
 def have_espeak() -> bool:
@@ -111,69 +124,23 @@ def demo_clips(out_dir: Path) -> list[SynthClip]:
     return clips
 
 
-# A made-up product vocabulary: words base Whisper has never seen, so it misspells them
-# until corrections teach it (the retraining tests and the learning benchmark use these).
-VOCABULARY = ["Zorvex", "Quintaro", "Blendrix", "Vexaloom", "Trundlepy", "Kavoria"]
-TEMPLATES = [
-    "Please open the {} dashboard.",
-    "The {} update is ready now.",
-    "We installed {} on every server.",
-    "Send the report to the {} team.",
-    "Restart {} before the meeting.",
-    "My favourite tool is {}.",
-    "Can you check the {} logs today?",
-    "The new {} release fixes the bug.",
-    "Our customers love the {} app.",
-    "Is {} running on the test machine?",
-    "I will ask the {} support desk.",
-    "The {} license expires next month.",
-    "Please add {} to the shopping list.",
-    "Yesterday {} crashed twice.",
-    "The {} meeting moved to Friday.",
-    "Download {} from the intranet.",
-]
-VOICES = [dict(speed=150, pitch=50), dict(speed=130, pitch=35), dict(speed=170, pitch=65), dict(speed=140, pitch=45)]
+def shared_audio_dir() -> Path:
+    """``LOOPSCRIBE_SHARED_AUDIO``, else ``shared/audio`` beside the checkout."""
+    return Path(os.environ.get("LOOPSCRIBE_SHARED_AUDIO") or REPO_ROOT.parent / "shared" / "audio")
 
 
-def template_of(index: int) -> int:
-    """Which of :data:`TEMPLATES` vocabulary sentence ``index`` uses (each word once per template)."""
-    return (index // len(VOCABULARY)) % len(TEMPLATES)
-
-
-def vocabulary_clips(out_dir: Path, count: int = 24, offset: int = 0) -> list[SynthClip]:
-    """English sentences built around :data:`VOCABULARY` in varied voices, deterministic by index."""
+def shared_clips(root: Path | None = None) -> list[ReferenceClip]:
+    """Recordings listed in ``root/transcripts.json`` (default: the shared real recordings) with one
+    reference text each (a stereo clip with one text per channel is left out)."""
+    root = root or shared_audio_dir()
+    meta_file = root / "transcripts.json"
+    if not meta_file.is_file():
+        return []
     clips = []
-    for i in range(offset, offset + count):
-        word = VOCABULARY[i % len(VOCABULARY)]
-        text = TEMPLATES[template_of(i)].format(word)
-        voice = dict(VOICES[i % len(VOICES)])
-        voice["speed"] += 6 * (i // (len(VOCABULARY) * len(TEMPLATES)))  # past every sentence once: new pace
-        tag = hashlib.sha1(f"{text}|{sorted(voice.items())}".encode()).hexdigest()[:8]  # stale cache never matches
-        path = out_dir / f"vocab_{i:03d}_{tag}.wav"
-        if not path.exists():
-            speak(text, "en", path, **voice)
-        clips.append(SynthClip(path, text, "en"))
-    return clips
-
-
-# Recording conditions the domain clips cycle through: a domain word is only learnable from audio
-# that still carries it, so noise stays at or above 10 dB here (the hopeless cases are separate).
-CONDITIONS = [("clean", {}, None), ("snr15", {}, 15.0), ("fast", dict(speed=205), None), ("snr10", {}, 10.0)]
-
-
-def domain_clips(out_dir: Path, count: int, offset: int = 0) -> list[SynthClip]:
-    """:func:`vocabulary_clips` sentences recorded in varied conditions (clean, noisy, fast), deterministic."""
-    clean = vocabulary_clips(out_dir / "clean", count, offset)
-    clips = []
-    for i, clip in zip(range(offset, offset + count), clean):
-        name, voice, snr = CONDITIONS[i % len(CONDITIONS)]
-        path = out_dir / f"domain_{i:03d}_{name}_{clip.path.stem.rsplit('_', 1)[-1]}.wav"
-        if not path.exists():
-            if voice:
-                speak(clip.text, "en", path, **voice)
-            elif snr is not None:
-                write_wav(with_noise(load(clip.path), snr_db=snr, seed=i), path)
-            else:
-                shutil.copyfile(clip.path, path)
-        clips.append(SynthClip(path, clip.text, "en"))
+    for name, meta in json.loads(meta_file.read_text()).items():
+        if "text" in meta:
+            clips.append(ReferenceClip(root / name, meta["text"], meta["language"]))
+        elif "segments" in meta:
+            text = " ".join(s["text"] for s in meta["segments"])
+            clips.append(ReferenceClip(root / name, text, meta["segments"][0]["language"]))
     return clips

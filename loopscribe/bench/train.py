@@ -31,7 +31,7 @@ import torch
 from ml_backend.audio import WINDOW_SECONDS, decode_audio, duration
 from ml_backend.settings import Settings
 
-from .bench import reference_clips
+from .engine import reference_clips
 
 # Published Whisper dimensions: (d_model, layers in encoder and in decoder, attention heads).
 SHAPES: dict[str, tuple[int, int, int]] = {
@@ -61,8 +61,12 @@ def random_whisper(shape: str, tokenizer_from: str, out_dir: Path) -> Path:
     The tokenizer and feature extractor come from ``tokenizer_from`` (the bundled base);
     large-v3 gets its 128 mel bins and one more vocabulary row (the ``<|yue|>`` token).
     """
-    from transformers import (WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration,
-                              WhisperTokenizer)
+    from transformers import (
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperTokenizer,
+    )
 
     d_model, layers, heads = SHAPES[shape]
     mels = 128 if shape == "large-v3" else 80
@@ -91,7 +95,7 @@ def _examples(args: argparse.Namespace, settings: Settings, count: int):
     Longer recordings are left out: their one reference text cannot be split with the audio,
     and Label Studio tasks (what the job trains on) are ≤ 30 s windows anyway.
     """
-    from training.lora import Example
+    from training.dataset import Example
 
     pool: list[tuple[np.ndarray, str, str]] = []
     for clip in reference_clips(args.clips, settings):

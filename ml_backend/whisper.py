@@ -1,0 +1,97 @@
+"""Whisper itself, decided once for serving and training: constants, the device and dtype, and loading.
+
+The engine (:mod:`ml_backend.engine`) and the trainer (:mod:`training.lora`) both load the model
+through :func:`load_whisper` and both ask :func:`pick_device` / :func:`pick_dtype`, so
+``WHISPER_DEVICE`` and ``WHISPER_DTYPE`` mean the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from .decoding import SpecialTokens
+
+log = logging.getLogger(__name__)
+
+TIME_PRECISION = 0.02  # seconds per timestamp token
+MAX_TIMESTAMP_INDEX = 1500  # <|30.00|>: timestamps index the 30 s window in 0.02 s steps
+MULTILINGUAL_VOCAB_SIZE = 51865  # English-only (*.en) checkpoints have 51864 tokens
+
+
+def is_multilingual(vocab_size: int) -> bool:
+    return vocab_size >= MULTILINGUAL_VOCAB_SIZE
+
+
+def pick_device(setting: str) -> torch.device:
+    """``WHISPER_DEVICE``: ``auto`` (CUDA when present), ``cuda`` or ``cpu``."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """``WHISPER_DTYPE``: ``auto`` is bf16 (fp16 where bf16 is missing) on CUDA and fp32 on CPU."""
+    if setting != "auto":
+        return getattr(torch, setting)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def quantizes(settings: Settings) -> bool:
+    """Whether serving quantizes (``WHISPER_QUANTIZE`` applies on CPU only)."""
+    return settings.quantize and pick_device(settings.device).type == "cpu"
+
+
+def avoid_cudnn_attention() -> None:
+    """Route scaled-dot-product attention away from cuDNN (to flash / memory-efficient kernels).
+
+    PyTorch prefers cuDNN attention on Hopper in fp16/bf16, and cuDNN builds an execution plan
+    for every new shape. Whisper decoding makes a new shape at every step (the KV cache grows)
+    and every batch size, so the first pass over new audio ran 4.5x slower on an H100 (26.9 s
+    against 6.0 s for 263 s of audio, batch 8) and the first LoRA epoch 2.9x slower; once every
+    plan was cached both backends were as fast. Process-wide, so call it only on CUDA.
+    """
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+@dataclass
+class Whisper:
+    """A loaded checkpoint: the model and what reads its inputs and outputs."""
+
+    model: Any  # WhisperForConditionalGeneration (or a peft model around one)
+    tokenizer: Any  # WhisperTokenizer
+    feature_extractor: Any  # WhisperFeatureExtractor
+    special: SpecialTokens
+
+
+def load_whisper(path: str, *, dtype: torch.dtype = torch.float32, adapter: str | None = None,
+                 attn_implementation: str | None = "sdpa") -> Whisper:
+    """Load a Hugging Face Whisper directory (or hub id), with a LoRA ``adapter`` merged in when given."""
+    from transformers import (
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperTokenizer,
+    )
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    from .decoding import SpecialTokens
+
+    tokenizer = WhisperTokenizer.from_pretrained(path)
+    feature_extractor = WhisperFeatureExtractor.from_pretrained(path)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = WhisperForConditionalGeneration.from_pretrained(path, dtype=dtype, **kwargs)
+    if adapter:
+        from peft import PeftModel
+
+        log.info("merging LoRA adapter %s", adapter)
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    special = SpecialTokens.from_tokenizer(tokenizer, list(LANGUAGES), is_multilingual(model.config.vocab_size))
+    return Whisper(model, tokenizer, feature_extractor, special)
