@@ -30,10 +30,11 @@ from pathlib import Path
 import httpx
 import requests
 
+from ml_backend.errors import LoopscribeError
 from ml_backend.ledger import Ledger
 from ml_backend.live import live_model
 from ml_backend.model_store import resolve_base
-from ml_backend.registry import Registry, RegistryError
+from ml_backend.registry import Registry
 from ml_backend.settings import Settings
 
 
@@ -57,7 +58,8 @@ def cmd_model_list(args: argparse.Namespace, settings: Settings) -> int:
     from ml_backend import model_store
 
     for name, bundled in model_store.BUNDLED.items():
-        state = model_store.resolve_base(settings, name).version if model_store.is_installed(settings, name) else "not installed"
+        installed = model_store.is_installed(settings, name)
+        state = model_store.resolve_base(settings, name).version if installed else "not installed"
         marker = "*" if name == settings.whisper_model else " "
         print(f"{marker} {name:8s} {state:28s} {bundled.description}")
     return 0
@@ -66,44 +68,31 @@ def cmd_model_list(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_transcribe(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
 
-    from ml_backend.audio import AudioDecodeError, decode_audio
-    from ml_backend.engine import TranscribeOptions
+    from ml_backend.audio import AudioDecodeError
+    from ml_backend.transcription import TranscribeOptions
 
-    engine = _engine(settings, args.model)
     options = TranscribeOptions(task=args.task, language=args.language, timestamps=not args.no_timestamps)
-    clips, failures = {}, 0
-    for f in args.files:
-        try:
-            clips[f] = decode_audio(f, max_seconds=args.max_seconds)
-        except AudioDecodeError as exc:
+    engine = _engine(settings, args.model)
+    with tqdm(unit="window", desc="transcribing", file=sys.stderr, disable=args.quiet) as bar:
+        def started(windows: int) -> None:
+            bar.total = windows
+            bar.refresh()
+
+        results = engine.transcribe_files(args.files, options, max_seconds=args.max_seconds, on_start=started,
+                                          on_batch=bar.update)
+    failures = 0
+    for file, result in zip(args.files, results):
+        if isinstance(result, AudioDecodeError):
             failures += 1
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {result}", file=sys.stderr)
             if args.json:
-                print(json.dumps({"file": f, "error": exc.reason}, ensure_ascii=False))
-    windows = engine.count_windows(list(clips.values()))
-    with tqdm(total=windows, unit="window", desc="transcribing", file=sys.stderr,
-              disable=args.quiet or windows < 2) as bar:
-        results = engine.transcribe(list(clips.values()), options, on_batch=bar.update)
-    for f, r in zip(clips, results):
-        if args.json:
-            record = {
-                "file": f,
-                "text": r.text,
-                "language": r.language,
-                "language_probability": round(r.language_probability, 4),
-                "confidence": round(r.confidence, 4),
-                "languages": r.languages,
-                "duration": r.duration,
-                "segments": [
-                    {"start": s.start, "end": s.end, "text": s.text, "language": s.language} for s in r.segments
-                ],
-                "uncertainty": {k: round(v, 4) if isinstance(v, float) else v for k, v in vars(r.uncertainty).items()},
-                "model_version": r.model_version,
-            }
-            print(json.dumps(record, ensure_ascii=False), flush=True)
+                print(json.dumps({"file": file, "error": result.reason}, ensure_ascii=False), flush=True)
+        elif args.json:
+            print(json.dumps({"file": file} | result.to_dict(), ensure_ascii=False), flush=True)
         else:
-            print(f"{f}\t{r.language}\t{r.language_probability:.2f}\t{r.confidence:.3f}\t{r.text}", flush=True)
-    return 1 if failures and not clips else 0
+            print(f"{file}\t{result.language}\t{result.language_probability:.2f}\t{result.confidence:.3f}\t"
+                  f"{result.text}", flush=True)
+    return 1 if failures == len(args.files) else 0
 
 
 DEMO_PROJECT = "Loopscribe demo"
@@ -208,7 +197,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     for key in ("label_studio_url", "backend_url", "live_model_version", "live_model_heldout_error", "queue"):
         print(f"{key:25s} {status[key]}")
     for name, pid in status["processes"].items():
-        print(f"{name:25s} {'running (pid %d)' % pid if pid else 'stopped'}")
+        print(f"{name:25s} {f'running (pid {pid})' if pid else 'stopped'}")
     for p in status["projects"]:
         t = p["training"]
         print(f"project {p['id']:<4d} {p['title'][:40]:40s} {p['tasks'] or 0:6d} tasks  {p['model_version']}")
@@ -233,12 +222,12 @@ def _training_report(ledger, settings: Settings, project: int) -> dict:
                 "total_steps": j.total_steps, "loss": j.loss, "eta_s": j.eta_s, "version": j.version,
                 "attempts": j.attempts, "reason": j.reason}
 
-    jobs_ = ledger.jobs(project=project, limit=5)
+    jobs_ = ledger.jobs.list(project=project, limit=5)
     running = next((j for j in jobs_ if j.state in ("queued", "running")), None)
     return {
-        "corrections_since_training": ledger.corrections_since_training(project),
+        "corrections_since_training": ledger.jobs.corrections_since_training(project),
         "threshold": settings.retrain_min_corrections,
-        "ledger": ledger.counts(project),
+        "ledger": ledger.corrections.counts(project),
         "running": job_dict(running) if running else None,
         "recent_jobs": [job_dict(j) for j in jobs_ if j.state not in ("queued", "running")],
     }
@@ -256,7 +245,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     ledger, last = Ledger(settings.ledger_path), None
     while True:
-        j = ledger.job(job.id)
+        j = ledger.jobs.require(job.id)
         line = f"job {j.id} {j.state} {j.stage or ''} step {j.step or 0}/{j.total_steps or '?'}" + (
             f" loss {j.loss:.3f}" if j.loss is not None else "")
         if line != last:
@@ -520,8 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, help="override TRAIN_LEARNING_RATE for this job")
     p.add_argument("--wait", action="store_true", help="follow the job until it ends")
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("project", help="Label Studio projects").add_subparsers(dest="project_command", required=True)
-    p = p.add_parser("create", help="create a project with the transcription config, connect the backend")
+    projects = sub.add_parser("project", help="Label Studio projects").add_subparsers(dest="project_command",
+                                                                                     required=True)
+    p = projects.add_parser("create", help="create a project with the transcription config, connect the backend")
     p.add_argument("--title", required=True)
     p.add_argument("--config", type=Path, help="a label config XML (default: label_config.xml)")
     p.set_defaults(func=cmd_project_create)
@@ -581,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args, settings)
     except KeyboardInterrupt:
         return 130
-    except (RuntimeError, ValueError, KeyError, RegistryError) as exc:
+    except LoopscribeError as exc:
         print(f"loopscribe: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:

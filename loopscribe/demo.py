@@ -13,10 +13,12 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ml_backend.audio import SAMPLE_RATE, decode_audio
+from ml_backend.errors import EnvironmentProblem
 
 from .paths import REPO_ROOT
 
@@ -62,7 +64,7 @@ def have_espeak() -> bool:
 def speak(text: str, language: str, out: Path, *, speed: int = 140, pitch: int = 50, voice: str | None = None) -> Path:
     """Write espeak-ng speech to ``out`` (WAV, 22.05 kHz)."""
     if not have_espeak():
-        raise RuntimeError("espeak-ng is not installed (apt-get install espeak-ng)")
+        raise EnvironmentProblem("espeak-ng is not installed (apt-get install espeak-ng)")
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = ["espeak-ng", "-v", voice or language, "-s", str(speed), "-p", str(pitch), "-w", str(out), text]
     subprocess.run(cmd, check=True, capture_output=True)
@@ -106,7 +108,7 @@ def demo_clips(out_dir: Path) -> list[SynthClip]:
     """Multilingual demo speech with deliberately hard cases, so the ranking has something to rank:
     clean sentences in four languages, fast speech, noisy speech, and a sentence in the wrong voice."""
     clips = sentence_clips(out_dir, list(SENTENCES), per_language=2)
-    hard = [
+    hard: list[tuple[str, str, str, dict[str, Any]]] = [
         ("fast_en", SENTENCES["en"][2], "en", dict(speed=280)),
         ("wrongvoice_de", SENTENCES["de"][0], "de", dict(voice="en")),
         ("slow_it", SENTENCES["it"][1], "it", dict(speed=90, pitch=20)),

@@ -15,6 +15,7 @@ which they are failed with the reason. A duplicate message is harmless: only the
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -24,9 +25,11 @@ from dataclasses import asdict
 
 from huey import Huey, RedisHuey, SqliteHuey, crontab
 
+from ml_backend.errors import LoopscribeError
 from ml_backend.ledger import Ledger
 from ml_backend.live import LiveEngine
 from ml_backend.settings import Settings
+from ml_backend.training_jobs import Job
 
 from .labelstudio import describe_error
 from .stack import process_alive
@@ -76,7 +79,7 @@ def run_training_job(job_id: int) -> dict:
 
     settings = Settings.from_env()
     ledger = Ledger(settings.ledger_path)
-    job = ledger.claim(job_id, worker_id())
+    job = ledger.jobs.claim(job_id, worker_id())
     if job is None:
         log.info("training job %s is not queued any more (duplicate message); skipped", job_id)
         return {"job": job_id, "skipped": True}
@@ -84,24 +87,41 @@ def run_training_job(job_id: int) -> dict:
     try:
         ls = labelstudio.client(settings)
         outcome = run_training(settings, ls, ledger, job.project, _worker_engine(settings), params=job.params,
-                               on_progress=lambda **f: ledger.progress(job.id, **f))
+                               on_progress=lambda **f: ledger.jobs.progress(job.id, **f))
         reason = outcome.summary()
         if outcome.state == "promoted":
-            ledger.progress(job.id, stage="re-scoring", version=outcome.version)
+            ledger.jobs.progress(job.id, stage="re-scoring", version=outcome.version)
             try:
                 report = labelstudio.predict_project(ls, settings, job.project, _worker_engine(settings),
                                                      only_missing=True, only_unlabeled=True, progress=False)
                 reason += f"; re-scored {report.predicted} unlabeled tasks"
             except Exception as exc:  # the promotion stands; re-scoring can be re-run with `predict`
                 log.exception("re-scoring project %s failed", job.project)
-                reason += f"; re-scoring failed: {describe_error(exc)} (run `loopscribe predict --project {job.project}`)"
-        ledger.finish(job.id, outcome.state, version=outcome.version, reason=reason)
+                reason += (f"; re-scoring failed: {describe_error(exc)} "
+                           f"(run `loopscribe predict --project {job.project}`)")
+        ledger.jobs.finish(job.id, outcome.state, version=outcome.version, reason=reason)
         log.info("training job %s: %s", job.id, reason)
+        queue_follow_up(settings, ledger, job.project)
         return {"job": job.id, "state": outcome.state, "version": outcome.version, "reason": reason}
     except Exception as exc:
         log.exception("training job %s failed", job.id)
-        ledger.finish(job.id, "failed", reason=describe_error(exc))
+        ledger.jobs.finish(job.id, "failed", reason=describe_error(exc))
         return {"job": job.id, "state": "failed", "reason": str(exc)}
+
+
+def queue_follow_up(settings: Settings, ledger: Ledger, project: int) -> int | None:
+    """After a job ends: corrections that arrived while it ran may already reach the threshold. Their
+    webhooks found a job running (coalesced) and queued nothing, so queue the next job now. Not after a
+    failure: its corrections count again, and the next correction (or an admin) starts the retry."""
+    if settings.retrain_min_corrections <= 0:
+        return None
+    job, created = ledger.jobs.request(project, "threshold", min_corrections=settings.retrain_min_corrections)
+    if job is None or not created:
+        return None
+    log.info("project %s: %d corrections waiting: training job %s queued", project,
+             ledger.jobs.corrections_since_training(project), job.id)
+    enqueue_training_job(job.id)
+    return job.id
 
 
 def recover_jobs(settings: Settings, enqueue=None, *, on_start: bool = False) -> list[tuple[int, str]]:
@@ -114,20 +134,21 @@ def recover_jobs(settings: Settings, enqueue=None, *, on_start: bool = False) ->
     enqueue = enqueue or enqueue_training_job
     host = socket.gethostname()
     changed = []
-    for job in ledger.jobs(states=("running",), limit=1000):
+    for job in ledger.jobs.list(states=("running",), limit=1000):
         worker_host, _, pid = (job.worker or "").rpartition(":")
         dead_here = worker_host == host and pid.isdigit() and not process_alive(int(pid))
         silent = job.heartbeat_at is not None and time.time() - job.heartbeat_at > STALE_HEARTBEAT_S
         if dead_here or silent:
             where = f"step {job.step}/{job.total_steps}" if job.total_steps else f"stage {job.stage}"
-            reason = f"worker {job.worker} stopped during {where} (attempt {job.attempts} of {settings.train_max_attempts})"
-            state = ledger.requeue_or_fail(job.id, reason, settings.train_max_attempts)
+            reason = (f"worker {job.worker} stopped during {where} "
+                      f"(attempt {job.attempts} of {settings.train_max_attempts})")
+            state = ledger.jobs.requeue_or_fail(job.id, reason, settings.train_max_attempts)
             log.warning("training job %s: %s → %s", job.id, reason, state)
             changed.append((job.id, state))
             if state == "queued":
                 enqueue(job.id)
     if on_start:
-        for job in ledger.jobs(states=("queued",), limit=1000):
+        for job in ledger.jobs.list(states=("queued",), limit=1000):
             if (job.id, "queued") not in changed:
                 enqueue(job.id)
     return changed
@@ -151,9 +172,12 @@ def enqueue_training_job(job_id: int) -> None:
     register(open_queue(Settings.from_env()))["train"](job_id)
 
 
-def request_training(settings: Settings, project: int, trigger: str = "cli", params: dict | None = None):
+def request_training(settings: Settings, project: int, trigger: str = "cli",
+                     params: dict | None = None) -> tuple[Job, bool]:
     """Queue a training job for ``project`` now (coalesced with a queued or running one)."""
-    job, created = Ledger(settings.ledger_path).request_training(project, trigger, params)
+    job, created = Ledger(settings.ledger_path).jobs.request(project, trigger, params)
+    if job is None:  # only a threshold can decline, and none was given
+        raise LoopscribeError(f"no training job for project {project}")
     if created:
         enqueue_training_job(job.id)
     return job, created
@@ -165,12 +189,6 @@ def queue_status(settings: Settings) -> dict:
             "scheduled": queue.scheduled_count()}
 
 
-# The consumer imports this module; its environment is set by `up` (see stack.start_worker).
-huey = open_queue(Settings.from_env())
-jobs = register(huey)
-
-
-@huey.on_startup()
 def _recover_on_start() -> None:
     try:
         recover_jobs(Settings.from_env(), on_start=True)
@@ -178,6 +196,22 @@ def _recover_on_start() -> None:
         log.exception("job recovery at start-up failed")
 
 
-@huey.periodic_task(crontab(minute="*"), name="recover-jobs")
 def _recover_periodically() -> None:
     recover_jobs(Settings.from_env())
+
+
+@functools.cache
+def consumer_queue() -> Huey:
+    """The worker's queue with its jobs and recovery hooks, opened on first use (not at import)."""
+    queue = open_queue(Settings.from_env())
+    register(queue)
+    queue.on_startup()(_recover_on_start)
+    queue.periodic_task(crontab(minute="*"), name="recover-jobs")(_recover_periodically)
+    return queue
+
+
+def __getattr__(name: str) -> Huey:
+    """``huey_consumer loopscribe.jobs.huey`` reads this attribute; its environment is set by `up`."""
+    if name == "huey":
+        return consumer_queue()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,10 +27,12 @@ from ml_backend.audio import (
     decode_audio,
     split_at_pauses,
 )
+from ml_backend.errors import ConfigurationError, EnvironmentProblem
 from ml_backend.fetch import AudioFetcher, AudioFetchError, load_task_audio
 from ml_backend.label_config import parse_label_config
 from ml_backend.predictions import to_prediction
 from ml_backend.settings import Settings
+from ml_backend.transcription import Transcriber
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ UNCERTAINTY_SAMPLING = "Uncertainty sampling"
 
 def client(settings: Settings) -> LabelStudio:
     if not settings.label_studio_api_key:
-        raise RuntimeError("LABEL_STUDIO_API_KEY is not set (./scripts/up writes it to .env)")
+        raise ConfigurationError("LABEL_STUDIO_API_KEY is not set (./scripts/up writes it to .env)")
     return LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key)
 
 
@@ -69,11 +71,18 @@ def expand_paths(patterns: list[str]) -> list[Path]:
     return list(found)
 
 
+def create_project(ls: LabelStudio, title: str, label_config: str) -> int:
+    project = ls.projects.create(title=title, label_config=label_config).id
+    if project is None:
+        raise EnvironmentProblem(f"Label Studio created project {title!r} without an id")
+    return project
+
+
 def find_or_create_project(ls: LabelStudio, title: str, label_config: str) -> int:
     for p in ls.projects.list():
-        if p.title == title:
+        if p.title == title and p.id is not None:
             return p.id
-    return ls.projects.create(title=title, label_config=label_config).id
+    return create_project(ls, title, label_config)
 
 
 def ensure_local_storage(ls: LabelStudio, project: int, path: Path) -> None:
@@ -148,8 +157,9 @@ def import_audio(
         if storage == "local":
             tasks = [{"data": d | {config.audio_key: f"/data/local-files/?d={p.relative_to(media_root)}"}}
                      for d, p in batch]
-            response = ls.projects.import_tasks(id=project, request=tasks, return_task_ids=True)
-            ids = list(response.task_ids or [])
+            response = ls.projects.import_tasks(id=project, request=tasks,  # type: ignore[arg-type]  # dicts
+                                                return_task_ids=True)
+            ids = list(response.task_ids or [])  # type: ignore[attr-defined]  # present with return_task_ids
         else:
             ids = _upload(settings, ls, project, batch, config.audio_key)
         report.task_ids += ids
@@ -170,11 +180,11 @@ def _upload(settings: Settings, ls: LabelStudio, project: int, batch: list[tuple
         # Label Studio names the tasks this request created (never "the newest task": imports may run at once).
         created = r.json().get("task_ids") or []
         if len(created) != 1:
-            raise RuntimeError(f"uploading {path.name} created {len(created)} tasks, expected 1 (Label Studio's "
+            raise EnvironmentProblem(f"uploading {path.name} created {len(created)} tasks, expected 1 (Label Studio's "
                                f"import answered without task_ids: an edition that imports asynchronously?)")
         task_id = int(created[0])
-        task = ls.tasks.get(id=task_id)
-        ls.tasks.update(id=task_id, data=dict(task.data) | data)
+        task = ls.tasks.get(id=str(task_id))
+        ls.tasks.update(id=str(task_id), data=dict(task.data or {}) | data)
         ids.append(task_id)
         path.unlink(missing_ok=True)  # Label Studio holds the uploaded copy
     return ids
@@ -201,7 +211,7 @@ def predict_project(
     ls: LabelStudio,
     settings: Settings,
     project: int,
-    engine,
+    engine: Transcriber,
     *,
     only_missing: bool = True,
     only_unlabeled: bool = False,
@@ -211,8 +221,8 @@ def predict_project(
     """Bulk pre-annotation with the live model; sets model_version and uncertainty sampling at the end.
 
     ``only_unlabeled`` leaves annotated tasks alone (re-scoring after a promotion: only the
-    pool annotators have yet to see needs new scores). Audio of the next batch is fetched and decoded in background threads while the
-    engine decodes the current one, so Label Studio round trips cost little wall time.
+    pool annotators have yet to see needs new scores). Audio of the next batch is fetched and decoded in
+    background threads while the engine decodes the current one, so Label Studio round trips cost little.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -254,7 +264,7 @@ def predict_project(
             if clips:
                 transcripts = engine.transcribe(clips)
                 predictions = [to_prediction(t, config) | {"task": i} for i, t in zip(ids, transcripts)]
-                ls.projects.import_predictions(id=project, request=predictions)
+                ls.projects.import_predictions(id=project, request=predictions)  # type: ignore[arg-type]  # dicts
                 report.predicted += len(predictions)
                 report.audio_seconds += sum(c.size for c in clips) / SAMPLE_RATE
             bar.update(len(batch))

@@ -15,6 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
+from ml_backend.errors import EnvironmentProblem
 from ml_backend.settings import Settings
 
 COMPOSE_TEMPLATE = Path("deploy") / "nginx" / "loopscribe.conf.template"
@@ -112,7 +113,7 @@ def nginx_binary() -> str:
     """Debian installs nginx in /usr/sbin, which is not on every user's PATH."""
     found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
     if found is None:
-        raise RuntimeError("nginx is not installed; ./scripts/setup installs it (Debian package nginx-light)")
+        raise EnvironmentProblem("nginx is not installed; ./scripts/setup installs it (Debian package nginx-light)")
     return found
 
 

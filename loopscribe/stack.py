@@ -19,6 +19,7 @@ from pathlib import Path
 import requests
 from dotenv import dotenv_values
 
+from ml_backend.errors import EnvironmentProblem
 from ml_backend.settings import Settings
 
 from .paths import REPO_ROOT
@@ -156,14 +157,14 @@ def wait_healthy(url: str, timeout: float, pid: int | None = None, log: Path | N
     while time.monotonic() < deadline:
         if pid is not None and not process_alive(pid):
             tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-            raise RuntimeError(f"process for {url} exited during start-up; log tail:\n{tail}")
+            raise EnvironmentProblem(f"process for {url} exited during start-up; log tail:\n{tail}")
         try:
             if requests.get(url, timeout=2).status_code == 200:
                 return
         except requests.RequestException:
             pass
         time.sleep(1)
-    raise RuntimeError(f"{url} did not become healthy within {timeout:.0f} s")
+    raise EnvironmentProblem(f"{url} did not become healthy within {timeout:.0f} s")
 
 
 def _spawn(paths: StackPaths, name: str, cmd: list[str], env: dict[str, str]) -> int:
@@ -181,7 +182,7 @@ def start_label_studio(values: dict[str, str], paths: StackPaths, timeout: float
     if pid is None:
         binary = LS_VENV / "bin" / "label-studio"
         if not binary.exists():
-            raise RuntimeError(f"Label Studio is not installed at {LS_VENV} (run ./scripts/setup)")
+            raise EnvironmentProblem(f"Label Studio is not installed at {LS_VENV} (run ./scripts/setup)")
         paths.media.mkdir(parents=True, exist_ok=True)
         port = url.rsplit(":", 1)[-1].split("/")[0]
         cmd = [str(binary), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", port]
@@ -198,7 +199,7 @@ def start_backend(values: dict[str, str], settings: Settings, paths: StackPaths,
     url = values["BACKEND_URL"]
     sock = paths.run / "backend.sock"
     if len(str(sock)) > 100:  # the kernel's limit for a unix socket path is 108 bytes
-        raise RuntimeError(f"{sock} is too long for a unix socket; choose a shorter LOOPSCRIBE_HOME")
+        raise EnvironmentProblem(f"{sock} is too long for a unix socket; choose a shorter LOOPSCRIBE_HOME")
     pid = running_pid(paths, "ml-backend")
     if pid is None:
         paths.run.mkdir(parents=True, exist_ok=True)
@@ -209,11 +210,12 @@ def start_backend(values: dict[str, str], settings: Settings, paths: StackPaths,
     if running_pid(paths, "proxy") is None:
         listen = url.split("://", 1)[-1].split("/")[0]
         conf = proxy.write_local_config(settings, listen=listen, upstream=f"unix:{sock}", run_dir=paths.run)
-        cmd = [proxy.nginx_binary(), "-p", str(paths.run / "nginx"), "-c", str(conf), "-e", str(paths.log_file("proxy"))]
+        cmd = [proxy.nginx_binary(), "-p", str(paths.run / "nginx"), "-c", str(conf),
+               "-e", str(paths.log_file("proxy"))]
         proxy_pid = _spawn(paths, "proxy", cmd, dict(os.environ))
         time.sleep(0.5)
         if not process_alive(proxy_pid):
-            raise RuntimeError(f"nginx exited during start-up; log tail:\n{_tail(paths.log_file('proxy'))}")
+            raise EnvironmentProblem(f"nginx exited during start-up; log tail:\n{_tail(paths.log_file('proxy'))}")
     wait_healthy(f"{url}/health", timeout, pid, paths.log_file("ml-backend"))
     return pid
 
@@ -231,8 +233,7 @@ def start_worker(values: dict[str, str], settings: Settings, paths: StackPaths) 
         pid = _spawn(paths, "worker", cmd, backend_environment(values, settings))
         time.sleep(2)
         if not process_alive(pid):
-            tail = paths.log_file("worker").read_text(errors="replace")[-3000:] if paths.log_file("worker").exists() else ""
-            raise RuntimeError(f"the worker exited during start-up; log tail:\n{tail}")
+            raise EnvironmentProblem(f"the worker exited during start-up; log tail:\n{_tail(paths.log_file('worker'))}")
     return pid
 
 

@@ -18,7 +18,7 @@ class Labeled:
     text: str
     language: str | None
 
-    def same_as(self, other: "Labeled") -> bool:
+    def same_as(self, other: Labeled) -> bool:
         """Equal after Whisper normalization (so casing and punctuation edits are not corrections)."""
         lang = self.language or other.language
         return self.language == other.language and normalize(self.text, lang) == normalize(other.text, lang)

@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Callable
 
 from flask import Flask, Response, jsonify, request
@@ -41,6 +41,7 @@ from .ledger import Ledger
 from .live import LiveEngine
 from .payloads import (
     TRAIN_ACTION,
+    WEBHOOK_SECRET_HEADER,
     PayloadError,
     PredictRequest,
     SetupRequest,
@@ -52,10 +53,10 @@ from .predictions import to_prediction
 from .projects import ProjectDirectory, ProjectState
 from .safelog import clip
 from .settings import Settings
+from .transcription import Transcriber
 
 log = logging.getLogger(__name__)
 
-WEBHOOK_SECRET_HEADER = "X-Loopscribe-Secret"
 OPEN_ROUTES = {"/health"}  # liveness probes need no credentials
 FETCH_THREADS = 4
 RETRY_AFTER_S = 5
@@ -83,13 +84,13 @@ class Metrics:
 class PredictionService:
     """Fetch task audio, transcribe the batch, shape Label Studio results. One bad task never fails a batch."""
 
-    def __init__(self, settings: Settings, engine=None):
+    def __init__(self, settings: Settings, engine: Transcriber | None = None):
         self.settings = settings
         self.fetcher = AudioFetcher(settings)
         self.live = LiveEngine(settings, engine)
 
     @property
-    def engine(self):
+    def engine(self) -> Transcriber:
         return self.live.get()
 
     @property
@@ -156,7 +157,7 @@ class PredictionService:
         return None
 
 
-def create_app(settings: Settings | None = None, engine=None, *, warm_up: bool = False,
+def create_app(settings: Settings | None = None, engine: Transcriber | None = None, *, warm_up: bool = False,
                enqueue_job: Callable[[int], None] | None = None) -> Flask:
     """``enqueue_job(job_id)`` hands a queued training job to the worker; without it, jobs wait in
     the ledger until a worker starts (the worker re-enqueues queued jobs on start-up)."""
@@ -266,7 +267,7 @@ def create_app(settings: Settings | None = None, engine=None, *, warm_up: bool =
         try:
             body = json_body()
             event = parse(WebhookEvent, body, "webhook")
-            event.check_clock(datetime.now(timezone.utc), settings.webhook_max_future_seconds)
+            event.check_clock(datetime.now(UTC), settings.webhook_max_future_seconds)
         except PayloadError as exc:
             return error(400, f"{exc} (expected a Label Studio webhook event)")
         metrics.webhooks.labels(event.metric_action).inc()
@@ -278,12 +279,12 @@ def create_app(settings: Settings | None = None, engine=None, *, warm_up: bool =
         events_file.parent.mkdir(parents=True, exist_ok=True)  # audit log of accepted events, as sent
         with open(events_file, "a", encoding="utf-8") as f:
             f.write(json.dumps({"received_at": time.time(), "event": body}, ensure_ascii=False) + "\n")
-        recorded = ledger.record(event.to_ledger())
+        recorded = ledger.corrections.record(event.to_ledger())
         job, created = None, False
         if project is not None and event.action == TRAIN_ACTION:
-            job, created = ledger.request_training(project, "label-studio")
+            job, created = ledger.jobs.request(project, "label-studio")
         elif project is not None and recorded.changed and settings.retrain_min_corrections > 0:
-            job, created = ledger.request_training(project, "threshold",
+            job, created = ledger.jobs.request(project, "threshold",
                                                    min_corrections=settings.retrain_min_corrections)
         if created and enqueue_job is not None:
             enqueue_job(job.id)

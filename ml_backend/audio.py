@@ -11,21 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import AudioError
+
 SAMPLE_RATE = 16_000
 WINDOW_SECONDS = 30.0
 DEFAULT_TIMEOUT = 120.0  # FFMPEG_TIMEOUT's default
 
 
-class AudioDecodeError(ValueError):
-    """Audio that cannot be used: missing, empty, corrupt, unsupported or over the limit.
-
-    ``source`` names the file (or ``<bytes>``) so one bad item in a batch is easy to find.
-    """
-
-    def __init__(self, source: str, reason: str):
-        super().__init__(f"{source}: {reason}")
-        self.source = source
-        self.reason = reason
+class AudioDecodeError(AudioError):
+    """Audio that cannot be decoded: missing, empty, corrupt, unsupported or over the limit."""
 
 
 def decode_audio(

@@ -40,7 +40,7 @@ class SpecialTokens:
         return bool(self.languages)
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, language_codes: list[str], multilingual: bool) -> "SpecialTokens":
+    def from_tokenizer(cls, tokenizer, language_codes: list[str], multilingual: bool) -> SpecialTokens:
         """``multilingual`` comes from the model: *.en tokenizers list language tokens the model never learned."""
         ids = tokenizer.convert_tokens_to_ids
         no_timestamps = ids("<|notimestamps|>")
@@ -82,6 +82,15 @@ class DecodedSequence:
     entropies: list[float]
     logprobs: list[float]
     finished: bool
+
+
+def token_entropy(log_p: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of each row's next-token distribution.
+
+    Suppressed tokens have log-probability -inf; ``p * log p`` is NaN there, ``entr`` is 0, so
+    the entropy is that of the tokens Whisper may actually emit.
+    """
+    return torch.special.entr(log_p.exp()).sum(-1)
 
 
 class WhisperDecoder:
@@ -191,7 +200,7 @@ class WhisperDecoder:
         for step in range(max_tokens):
             self._apply_rules(logits, sampled, step, timestamps)
             log_p = F.log_softmax(logits, dim=-1)
-            entropy = torch.special.entr(log_p.exp()).sum(-1)  # entr(0) = 0: NaN-free under -inf logits
+            entropy = token_entropy(log_p)
             if temperature > 0:
                 probs = F.softmax(logits / temperature, dim=-1)
                 next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -21,9 +21,11 @@ import torch
 
 from . import audio as audio_lib
 from .decoding import DecodedSequence, WhisperDecoder
+from .errors import ConfigurationError
 from .live import live_model, served_version
 from .model_store import ResolvedModel, resolve_base
 from .settings import Settings
+from .transcription import Segment, TranscribeOptions, Transcription
 from .uncertainty import (
     LOGPROB_THRESHOLD,
     NO_SPEECH_THRESHOLD,
@@ -45,56 +47,6 @@ log = logging.getLogger(__name__)
 
 MIN_TAIL_SECONDS = 1.0  # an undecoded window end shorter than this is left alone
 MAX_TAIL_ROUNDS = 2
-
-
-@dataclass(frozen=True)
-class TranscribeOptions:
-    task: str = "transcribe"
-    """``transcribe`` keeps the spoken language; ``translate`` writes English."""
-    language: str | None = None
-    """Force this language code for every window; ``None`` detects it per window."""
-    timestamps: bool = True
-    """Predict segment timestamps (costs two tokens per segment)."""
-    temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-    """Greedy first; hotter sampling only for windows that loop or are improbable (Whisper's fallback)."""
-
-    def __post_init__(self) -> None:
-        if self.task not in ("transcribe", "translate"):
-            raise ValueError(f"task must be 'transcribe' or 'translate', not {self.task!r}")
-
-
-@dataclass(frozen=True)
-class Segment:
-    start: float
-    end: float
-    text: str
-    language: str
-
-
-@dataclass(frozen=True)
-class Transcription:
-    text: str
-    language: str
-    language_probability: float
-    confidence: float
-    duration: float
-    segments: tuple[Segment, ...]
-    uncertainty: Uncertainty
-    model_version: str
-
-    @property
-    def languages(self) -> list[str]:
-        """Languages in order of first appearance (a bilingual file lists both)."""
-        seen: dict[str, None] = {}
-        for s in self.segments:
-            seen.setdefault(s.language, None)
-        return list(seen) or [self.language]
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["segments"] = [asdict(s) for s in self.segments]
-        d["languages"] = self.languages
-        return d
 
 
 @dataclass
@@ -177,7 +129,7 @@ class WhisperEngine:
         ``on_batch(n_windows)`` is called after each decoded batch (progress bars).
         """
         if options.language is not None and options.language not in self.languages:
-            raise ValueError(f"unknown language {options.language!r} for this model")
+            raise ConfigurationError(f"unknown language {options.language!r} for this model")
         keys = [self._cache_key(c, options) for c in clips]
         results: list[Transcription | None] = [None] * len(clips)
         with self._lock:
@@ -200,8 +152,8 @@ class WhisperEngine:
                 decoded = self._decode_windows(windows, options, on_batch)
                 for i in unique:
                     own = [(w, r) for w, r in decoded if w.item == i]
-                    results[i] = self._assemble(own, audio_lib.duration(clips[i]))
-                    self._cache[keys[i]] = results[i]
+                    result = results[i] = self._assemble(own, audio_lib.duration(clips[i]))
+                    self._cache[keys[i]] = result
                 while len(self._cache) > self.settings.cache_size:
                     self._cache.popitem(last=False)
         for i in todo:
@@ -218,9 +170,13 @@ class WhisperEngine:
         options: TranscribeOptions = TranscribeOptions(),
         *,
         max_seconds: float | None = None,
+        on_start: Callable[[int], None] | None = None,
         on_batch: Callable[[int], None] | None = None,
     ) -> list[Transcription | audio_lib.AudioDecodeError]:
-        """Decode and transcribe files; a file that cannot be decoded yields its error, not an exception."""
+        """Decode and transcribe files; a file that cannot be decoded yields its error, not an exception.
+
+        ``on_start(n_windows)`` is called once every file is decoded, ``on_batch(n)`` after each batch.
+        """
         paths = list(paths)
         decoded: list[np.ndarray | audio_lib.AudioDecodeError] = []
         for p in paths:
@@ -229,12 +185,11 @@ class WhisperEngine:
             except audio_lib.AudioDecodeError as exc:
                 log.warning("skipping %s", exc)
                 decoded.append(exc)
-        good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
-        texts = self.transcribe([decoded[i] for i in good], options, on_batch=on_batch)
-        out: list[Transcription | audio_lib.AudioDecodeError] = list(decoded)  # errors stay in place
-        for i, t in zip(good, texts):
-            out[i] = t
-        return out
+        clips = [d for d in decoded if isinstance(d, np.ndarray)]
+        if on_start is not None:
+            on_start(self.count_windows(clips))
+        texts = iter(self.transcribe(clips, options, on_batch=on_batch))
+        return [d if isinstance(d, audio_lib.AudioDecodeError) else next(texts) for d in decoded]  # errors in place
 
     def count_windows(self, clips: Sequence[np.ndarray]) -> int:
         return sum(len(audio_lib.split_at_pauses(c)) for c in clips)
@@ -312,16 +267,18 @@ class WhisperEngine:
             still = []
             for k, seq in zip(pending, decoded):
                 u = self._signals(seq, no_speech[k], t)
-                if best[k] is None or self._better(u, best[k][1]):
+                previous = best[k]
+                if previous is None or self._better(u, previous[1]):
                     best[k] = (seq, u)
                 if u.needs_fallback():
                     still.append(k)
             pending = still
             if not pending:
                 break
+        chosen = [b for b in best if b is not None]  # every window was decoded at least once (greedy)
         return [
             self._window_result(w, seq, u, lang, lp)
-            for w, (seq, u), lang, lp in zip(windows, best, languages, language_probs)  # type: ignore[misc]
+            for w, (seq, u), lang, lp in zip(windows, chosen, languages, language_probs)
         ]
 
     @staticmethod

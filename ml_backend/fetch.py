@@ -24,6 +24,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 import requests
 
+from .errors import AudioError
 from .safelog import clip
 from .settings import Settings
 
@@ -34,14 +35,8 @@ PRESIGN_PATH = re.compile(r"/tasks/(\d+)/presign/?")
 ACCESS_TOKEN_SECONDS = 240  # Label Studio access tokens live 5 minutes
 
 
-class AudioFetchError(ValueError):
-    """Task audio that cannot be fetched: bad reference, host not allowed, HTTP error, too large."""
-
-    def __init__(self, source: str, reason: str):
-        source = clip(source)
-        super().__init__(f"{source}: {reason}")
-        self.source = source
-        self.reason = reason
+class AudioFetchError(AudioError):
+    """Task audio that cannot be fetched: bad reference, host or path not allowed, HTTP error, too large."""
 
 
 class LabelStudioAuth:
@@ -67,7 +62,8 @@ class LabelStudioAuth:
             if self._access is None or self._access[1] < time.monotonic():
                 r = self._session.post(f"{self.base_url}/api/token/refresh/", json={"refresh": self._key}, timeout=10)
                 if r.status_code != 200:
-                    raise AudioFetchError("label studio", f"personal access token refresh failed (HTTP {r.status_code})")
+                    raise AudioFetchError("label studio",
+                                          f"personal access token refresh failed (HTTP {r.status_code})")
                 self._access = (r.json()["access"], time.monotonic() + ACCESS_TOKEN_SECONDS)
             return {"Authorization": f"Bearer {self._access[0]}"}
 

@@ -6,10 +6,12 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from .errors import ConfigurationError
+
 AUDIO_TAGS = {"audio", "audioplus"}
 
 
-class LabelConfigError(ValueError):
+class LabelConfigError(ConfigurationError):
     """The labeling config cannot hold Whisper predictions (says what is missing)."""
 
 
@@ -48,7 +50,7 @@ def parse_label_config(xml: str) -> TranscriptionConfig:
     audio = next((t for t in tags if t.tag.lower() in AUDIO_TAGS and t.get("name")), None)
     if audio is None or not (audio.get("value") or "").startswith("$"):
         raise LabelConfigError('label config needs an <Audio name="..." value="$key"/> tag')
-    audio_name, audio_key = audio.get("name"), audio.get("value")[1:]
+    audio_name, audio_key = audio.get("name") or "", (audio.get("value") or "$")[1:]
 
     whole_text = region_text = None
     for t in tags:

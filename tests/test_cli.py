@@ -40,15 +40,15 @@ def test_transcribe_plain_with_options(shared_audio, engine):
     assert language == "fr" and 0 <= float(confidence) <= 1 and text
 
 
-def test_unknown_language_is_a_clean_error(shared_audio, engine):
+def test_unknown_language_is_a_clean_error(shared_audio):
     proc = run_cli("transcribe", "--language", "xx", str(shared_audio / "jfk_en.flac"))
     assert proc.returncode == 2 and "unknown language" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_model_list(engine):
+def test_model_list(bundled_base):
     proc = run_cli("model", "list")
     assert proc.returncode == 0
-    assert "base" in proc.stdout and engine.resolved.version in proc.stdout and "tiny.en" in proc.stdout
+    assert "base" in proc.stdout and bundled_base.version in proc.stdout and "tiny.en" in proc.stdout
 
 
 def test_readme_configuration_table_is_the_generated_one():

@@ -36,7 +36,8 @@ def _write_ct2(path: Path, variables: dict[str, np.ndarray], aliases: dict[str, 
 
 def _to_ct2(sd: dict[str, torch.Tensor], layers: int, heads: int) -> dict[str, np.ndarray]:
     """HF state dict → CTranslate2 names (fused qkv rows, zero k bias), per the FACTS.md table."""
-    n = lambda t: t.detach().numpy().astype(np.float16)
+    def n(t):
+        return t.detach().numpy().astype(np.float16)
     v: dict[str, np.ndarray] = {}
 
     def lin(dst, src, bias=True):

@@ -128,7 +128,7 @@ def project(studio, ls, engine, shared_audio, transcripts) -> dict:
     def predicted_text(task) -> str:
         return extract(task.predictions[0].result).text
 
-    expected = {}
+    expected: dict[int, tuple[str, str | None]] = {}
     for t in by_name[MIT]:  # accepted unchanged: verified
         labelstudio.submit_transcript(ls, t, predicted_text(t))
         expected[t.id] = (predicted_text(t), "verified")
@@ -162,7 +162,7 @@ def test_hf_export_loads_with_datasets_and_matches_the_annotations(studio, ls, p
     loaded = datasets.load_dataset("audiofolder", data_dir=str(out))
     rows = {row["task_id"]: (split, row) for split in loaded for row in loaded[split]}
     assert rows.keys() == project["expected"].keys()
-    frozen = Ledger(studio[0].ledger_path).freeze_splits(project["id"], {})
+    frozen = Ledger(studio[0].ledger_path).splits.freeze(project["id"], {})
     for task, (split, row) in rows.items():
         text, origin = project["expected"][task]
         assert row["transcription"] == text
@@ -186,7 +186,8 @@ def test_filters(studio, ls, project, tmp_path):
     assert corrected.exported + verified.exported == len(expected)
 
     held = run_export(studio, ls, project, tmp_path / "h", format="jsonl", split="heldout")
-    assert {r["split"] for r in read(tmp_path / "h")} <= {"heldout"} and held.exported == held.by_split.get("heldout", 0)
+    assert {r["split"] for r in read(tmp_path / "h")} <= {"heldout"}
+    assert held.exported == held.by_split.get("heldout", 0)
     german = run_export(studio, ls, project, tmp_path / "de", format="jsonl", languages=("de",))
     assert german.exported >= 1 and {r["language"] for r in read(tmp_path / "de")} == {"de"}
     long = run_export(studio, ls, project, tmp_path / "long", format="jsonl", min_duration=8.0, max_duration=30.0)

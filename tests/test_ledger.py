@@ -36,7 +36,8 @@ EVENTS = [
     annotation_event("ANNOTATION_CREATED", 1, 11, "please open the dashboard", "2026-11-24T10:00:00Z",
                      predicted="Please open the dashboard."),
     # 2: created as a correction, then updated (replaces)
-    annotation_event("ANNOTATION_CREATED", 2, 12, "Zorvex is ready", "2026-11-24T10:00:01Z", predicted="Servex is ready"),
+    annotation_event("ANNOTATION_CREATED", 2, 12, "Zorvex is ready", "2026-11-24T10:00:01Z",
+                     predicted="Servex is ready"),
     annotation_event("ANNOTATION_UPDATED", 2, 12, "Zorvex is ready now", "2026-11-24T10:05:00Z",
                      predicted="Servex is ready"),
     # 3: a correction that is later deleted
@@ -53,22 +54,22 @@ EVENTS = [
 def state(tmp_path: Path, events: list[dict], name: str) -> list[dict]:
     ledger = Ledger(tmp_path / f"{name}.db")
     for e in events:
-        ledger.record(e)
-    return ledger.snapshot()
+        ledger.corrections.record(e)
+    return ledger.corrections.snapshot()
 
 
 def test_ledger_classifies_corrections(tmp_path):
     ledger = Ledger(tmp_path / "l.db")
     for e in EVENTS:
-        ledger.record(e)
-    rows = {r["id"]: r for r in ledger.snapshot()}
+        ledger.corrections.record(e)
+    rows = {r["id"]: r for r in ledger.corrections.snapshot()}
     assert rows[1]["kind"] == "verified"
     assert rows[2]["kind"] == "correction" and rows[2]["text"] == "Zorvex is ready now"
     assert rows[3]["kind"] == "deleted"
     assert (rows[4]["kind"], rows[4]["language"], rows[4]["predicted_language"]) == ("correction", "it", "en")
     assert rows[5]["kind"] == "cancelled"
-    assert ledger.counts(7) == {"verified": 1, "correction": 2, "deleted": 1, "cancelled": 1}
-    assert ledger.corrections_since_training(7) == 2
+    assert ledger.corrections.counts(7) == {"verified": 1, "correction": 2, "deleted": 1, "cancelled": 1}
+    assert ledger.jobs.corrections_since_training(7) == 2
 
 
 def test_replayed_duplicated_and_reordered_events_give_the_same_ledger(tmp_path):
@@ -92,38 +93,74 @@ def test_every_order_of_create_update_delete_ends_deleted(tmp_path):
 
 def test_replay_does_not_count_twice_and_jobs_coalesce(tmp_path):
     ledger = Ledger(tmp_path / "l.db")
-    for e in EVENTS:
-        assert ledger.record(e).changed >= 0
-    assert ledger.record(EVENTS[2]).changed == 0  # replay
-    job, created = ledger.request_training(7, "threshold", min_corrections=3)
+    assert [ledger.corrections.record(e).changed for e in EVENTS] == [1, 1, 1, 1, 1, 1, 1, 0]
+    assert ledger.corrections.record(EVENTS[2]).changed == 0  # replay
+    job, created = ledger.jobs.request(7, "threshold", min_corrections=3)
     assert job is None and not created  # 2 corrections < 3
-    job, created = ledger.request_training(7, "threshold", min_corrections=2)
+    job, created = ledger.jobs.request(7, "threshold", min_corrections=2)
     assert created and job.state == "queued"
-    again, created_again = ledger.request_training(7, "cli")
+    again, created_again = ledger.jobs.request(7, "cli")
     assert again.id == job.id and not created_again  # coalesced while queued
-    claimed = ledger.claim(job.id, "host:1")
+    claimed = ledger.jobs.claim(job.id, "host:1")
     assert claimed.state == "running" and claimed.attempts == 1
-    assert ledger.claim(job.id, "host:2") is None  # a duplicate message does not run it twice
-    ledger.finish(job.id, "rejected", reason="no gain")
-    assert ledger.corrections_since_training(7) == 0  # the job covered them
-    ledger.record(annotation_event("ANNOTATION_CREATED", 9, 19, "Blendrix", "2026-11-24T11:00:00Z",
+    assert ledger.jobs.claim(job.id, "host:2") is None  # a duplicate message does not run it twice
+    ledger.jobs.finish(job.id, "rejected", reason="no gain")
+    assert ledger.jobs.corrections_since_training(7) == 0  # the job covered them
+    ledger.corrections.record(annotation_event("ANNOTATION_CREATED", 9, 19, "Blendrix", "2026-11-24T11:00:00Z",
                                    predicted="Blend tricks"))
-    assert ledger.corrections_since_training(7) == 1
+    assert ledger.jobs.corrections_since_training(7) == 1
 
 
 def test_dead_worker_job_is_requeued_then_failed(tmp_path):
     ledger = Ledger(tmp_path / "l.db")
-    job, _ = ledger.request_training(3, "cli")
-    ledger.claim(job.id, "host:1")
-    assert ledger.requeue_or_fail(job.id, "worker died", max_attempts=2) == "queued"
-    ledger.claim(job.id, "host:2")
-    assert ledger.requeue_or_fail(job.id, "worker died again", max_attempts=2) == "failed"
-    assert ledger.job(job.id).reason == "worker died again"
+    job, _ = ledger.jobs.request(3, "cli")
+    ledger.jobs.claim(job.id, "host:1")
+    assert ledger.jobs.requeue_or_fail(job.id, "worker died", max_attempts=2) == "queued"
+    ledger.jobs.claim(job.id, "host:2")
+    assert ledger.jobs.requeue_or_fail(job.id, "worker died again", max_attempts=2) == "failed"
+    assert ledger.jobs.get(job.id).reason == "worker died again"
 
 
 @pytest.mark.parametrize("text,predicted,kind", [("Hello, world!", "hello world", "verified"),
                                                  ("Hello world", "Hello word", "correction")])
 def test_normalized_comparison(tmp_path, text, predicted, kind):
     ledger = Ledger(tmp_path / "l.db")
-    ledger.record(annotation_event("ANNOTATION_CREATED", 1, 1, text, "2026-11-24T10:00:00Z", predicted=predicted))
-    assert ledger.snapshot()[0]["kind"] == kind
+    ledger.corrections.record(annotation_event("ANNOTATION_CREATED", 1, 1, text, "2026-11-24T10:00:00Z",
+                                               predicted=predicted))
+    assert ledger.corrections.snapshot()[0]["kind"] == kind
+
+
+def test_a_failed_job_gives_its_corrections_back(tmp_path):
+    ledger = Ledger(tmp_path / "l.db")
+    for e in EVENTS:
+        ledger.corrections.record(e)
+    job, _ = ledger.jobs.request(7, "threshold", min_corrections=2)
+    ledger.jobs.claim(job.id, "host:1")
+    ledger.jobs.finish(job.id, "failed", reason="Label Studio down")
+    assert ledger.jobs.corrections_since_training(7) == 2  # not consumed by the failure
+    retry, created = ledger.jobs.request(7, "threshold", min_corrections=2)
+    assert created and retry.id != job.id
+
+
+def test_corrections_that_arrive_during_a_job_queue_the_next_one_when_it_ends(tmp_path, settings, monkeypatch):
+    """Never leave corrections waiting: their webhooks found a job running and queued nothing."""
+    from dataclasses import replace
+
+    from loopscribe import jobs
+
+    queued: list[int] = []
+    monkeypatch.setattr(jobs, "enqueue_training_job", queued.append)
+    s = replace(settings, home=tmp_path, retrain_min_corrections=2)
+    ledger = Ledger(s.ledger_path)
+    for e in EVENTS:
+        ledger.corrections.record(e)
+    job, _ = ledger.jobs.request(7, "threshold", min_corrections=2)
+    ledger.jobs.claim(job.id, "host:1")
+    for ann, word in ((21, "Blendrix"), (22, "Kavoria")):  # arrive while the job runs: coalesced
+        ledger.corrections.record(annotation_event("ANNOTATION_CREATED", ann, ann, word, "2026-11-24T12:00:00Z",
+                                                   predicted="something else"))
+        assert ledger.jobs.request(7, "threshold", min_corrections=2) == (ledger.jobs.get(job.id), False)
+    ledger.jobs.finish(job.id, "promoted", version="v2")
+    follow_up = jobs.queue_follow_up(s, ledger, 7)
+    assert follow_up is not None and queued == [follow_up] and ledger.jobs.get(follow_up).state == "queued"
+    assert jobs.queue_follow_up(s, ledger, 7) is None  # coalesced with the one just queued

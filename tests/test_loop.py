@@ -73,12 +73,12 @@ def annotate(ls, task, text: str, language: str = "en") -> None:
 def wait_for_job(ledger: Ledger, project: int, timeout: float = 1200, job_id: int | None = None):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        jobs = ledger.jobs(project=project)
+        jobs = ledger.jobs.list(project=project)
         job = next((j for j in jobs if job_id is None or j.id == job_id), None)
         if job is not None and job.state not in ("queued", "running"):
             return job
         time.sleep(2)
-    raise AssertionError(f"no finished training job for project {project} in {timeout} s: {ledger.jobs(project)}")
+    raise AssertionError(f"no finished training job for project {project} in {timeout} s: {ledger.jobs.list(project)}")
 
 
 def backend_version(s) -> str:
@@ -108,7 +108,7 @@ def test_corrections_reach_threshold_train_promote_and_rescore(loop, ls, engine,
     for tid in right + to_correct:
         annotate(ls, tasks[tid], clip_of[tid].text)
     ledger = Ledger(s.home / "ledger.db")
-    counts = ledger.counts(project)
+    counts = ledger.corrections.counts(project)
     expected = {"correction": THRESHOLD} | ({"verified": len(right)} if right else {})
     assert counts == expected, counts
 
@@ -170,7 +170,7 @@ def test_worse_candidate_is_rejected_and_live_unchanged(loop, wrong_project):
     live_before = live_model(s).version
     proc = cli(loop, "train", "--project", str(wrong_project), "--wait")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    job = Ledger(s.home / "ledger.db").jobs(project=wrong_project)[0]
+    job = Ledger(s.home / "ledger.db").jobs.list(project=wrong_project)[0]
     assert job.state == "rejected" and job.trigger == "cli", job.reason
     version = Registry(s.home).get(job.version)
     print(f"\nrejected {job.version}: held-out error {version.error_before:.3f} → {version.error_after:.3f}")
@@ -186,22 +186,23 @@ def test_killing_the_worker_mid_training_fails_the_job_with_a_reason(loop, wrong
     live_before = backend_version(s)
     proc = cli(loop, "train", "--project", str(wrong_project), "--epochs", "60")
     assert proc.returncode == 0, proc.stderr
-    job = ledger.jobs(project=wrong_project)[0]
+    job = ledger.jobs.list(project=wrong_project)[0]
     deadline = time.time() + 600
-    while (ledger.job(job.id).step or 0) < 2:
-        assert time.time() < deadline and ledger.job(job.id).state in ("queued", "running"), ledger.job(job.id)
+    while (ledger.jobs.get(job.id).step or 0) < 2:
+        current = ledger.jobs.get(job.id)
+        assert time.time() < deadline and current.state in ("queued", "running"), current
         time.sleep(1)
     worker = stack.running_pid(paths, "worker")
     os.killpg(worker, signal.SIGKILL)
     time.sleep(1)
-    assert ledger.job(job.id).state == "running"  # nobody has noticed yet
+    assert ledger.jobs.get(job.id).state == "running"  # nobody has noticed yet
     assert backend_version(s) == live_before  # serving is untouched
 
     stack.start_worker(stack.ensure_env_file(env_file), s, paths)  # the restarted worker recovers it
     deadline = time.time() + 120
-    while ledger.job(job.id).state == "running" and time.time() < deadline:
+    while ledger.jobs.get(job.id).state == "running" and time.time() < deadline:
         time.sleep(1)
-    failed = ledger.job(job.id)
+    failed = ledger.jobs.get(job.id)
     assert failed.state == "failed" and "stopped during step" in failed.reason, failed
     print(f"\njob {failed.id}: {failed.reason}")
     assert backend_version(s) == live_before

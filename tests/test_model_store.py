@@ -26,14 +26,14 @@ def _leftovers(models_dir: Path) -> list[str]:
     return sorted(p.name for p in models_dir.iterdir()) if models_dir.exists() else []
 
 
-def test_install_is_idempotent(engine, settings):
-    root = Path(engine.resolved.path).parent
+def test_install_is_idempotent(bundled_base, settings):
+    root = Path(bundled_base.path).parent
     manifest = root / model_store.MANIFEST
     before = manifest.stat().st_mtime_ns
     assert model_store.install(settings, "base") == root
     assert manifest.stat().st_mtime_ns == before
     data = json.loads(manifest.read_text())
-    assert data["version"] == engine.resolved.version and len(data["sha256"]) == 64
+    assert data["version"] == bundled_base.version and len(data["sha256"]) == 64
     assert (root / "hf" / "model.safetensors").is_file() and (root / "ct2" / "model.bin").is_file()
 
 
@@ -59,10 +59,10 @@ def test_failed_verification_leaves_nothing_behind(scratch_settings, monkeypatch
     assert _leftovers(scratch_settings.models_dir) == []
 
 
-def test_resolve(settings, engine, tmp_path):
-    assert resolve_base(settings, "base").version == engine.resolved.version
-    local = resolve_base(settings, engine.resolved.path)
-    assert local.path == str(Path(engine.resolved.path).resolve()) and local.version.startswith("hf-")
+def test_resolve_base(settings, bundled_base, tmp_path):
+    assert resolve_base(settings, "base").version == bundled_base.version
+    local = resolve_base(settings, bundled_base.path)
+    assert local.path == str(Path(bundled_base.path).resolve()) and local.version.startswith("hf-")
     assert resolve_base(settings, "openai/whisper-small").path == "openai/whisper-small"
     with pytest.raises(ModelNotInstalledError, match="no config.json"):
         resolve_base(settings, str(tmp_path))

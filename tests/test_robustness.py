@@ -23,7 +23,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -226,7 +226,7 @@ BAD_EVENTS = {
     "delete with string ids": {"action": "ANNOTATIONS_DELETED", "project": {"id": 1}, "annotations": [{"id": "1"}]},
     "training without project": {"action": "START_TRAINING"},
     "not an object": [annotation_event()],
-    "far-future updated_at": annotation_event(updated_at=(datetime.now(timezone.utc) + timedelta(days=400)).isoformat()),
+    "far-future updated_at": annotation_event(updated_at=(datetime.now(UTC) + timedelta(days=400)).isoformat()),
 }
 
 
@@ -238,7 +238,7 @@ def test_malformed_webhook_is_400_before_any_write(client, tmp_path, name):
     assert response.get_json()["error"]
     assert not (tmp_path / "webhooks" / "events.jsonl").exists()
     ledger = Ledger(tmp_path / "ledger.db")
-    assert ledger.snapshot() == [] and ledger.jobs() == [] and ledger.projects() == []
+    assert ledger.corrections.snapshot() == [] and ledger.jobs.list() == [] and ledger.projects() == []
 
 
 def test_valid_webhook_still_recorded_and_status_reads_it(client, tmp_path):
@@ -246,11 +246,12 @@ def test_valid_webhook_still_recorded_and_status_reads_it(client, tmp_path):
     assert response.status_code == 201 and response.get_json()["changed"] == 1
     assert client.post("/webhook", json=annotation_event(), headers=HOOK).get_json()["changed"] == 0  # replay
     ledger = Ledger(tmp_path / "ledger.db")
-    assert [r["id"] for r in ledger.snapshot(1)] == [11] and ledger.counts(1) == {"correction": 1}
+    assert [r["id"] for r in ledger.corrections.snapshot(1)] == [11]
+    assert ledger.corrections.counts(1) == {"correction": 1}
 
 
 def test_timestamps_within_the_skew_are_accepted(client):
-    soon = (datetime.now(timezone.utc) + timedelta(minutes=5)).isoformat()
+    soon = (datetime.now(UTC) + timedelta(minutes=5)).isoformat()
     assert client.post("/webhook", json=annotation_event(updated_at=soon), headers=HOOK).status_code == 201
 
 
@@ -260,7 +261,7 @@ def test_events_for_projects_label_studio_lacks_are_ignored(client, tmp_path, st
         response = client.post("/webhook", json=event, headers=HOOK)
         assert response.status_code == 200 and response.get_json()["status"] == "ignored"
     ledger = Ledger(tmp_path / "ledger.db")
-    assert ledger.projects() == [] and ledger.jobs() == []
+    assert ledger.projects() == [] and ledger.jobs.list() == []
     assert not (tmp_path / "webhooks" / "events.jsonl").exists()
     response = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 2}}, headers=HOOK)
     assert response.status_code == 201 and response.get_json()["job"]["queued_now"]
@@ -271,7 +272,7 @@ def test_label_studio_down_loses_no_event(settings, tmp_path, standin):
     down = replace(app_settings(settings, tmp_path, standin), label_studio_url="http://127.0.0.1:9")
     client = create_app(down, StandInEngine()).test_client()
     assert client.post("/webhook", json=annotation_event(), headers=HOOK).status_code == 201
-    assert Ledger(tmp_path / "ledger.db").counts(1) == {"correction": 1}
+    assert Ledger(tmp_path / "ledger.db").corrections.counts(1) == {"correction": 1}
 
 
 # ---- 7. unbounded growth -------------------------------------------------------------------------------------

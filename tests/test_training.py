@@ -61,15 +61,15 @@ def test_recovery_requeues_a_job_whose_worker_died_then_fails_it(tmp_path, setti
 
     s = replace(settings, home=tmp_path, train_max_attempts=2)
     ledger = Ledger(s.ledger_path)
-    job, _ = ledger.request_training(4, "cli")
+    job, _ = ledger.jobs.request(4, "cli")
     dead = f"{socket.gethostname()}:999999"  # no such pid
-    ledger.claim(job.id, dead)
+    ledger.jobs.claim(job.id, dead)
     sent = []
     assert jobs.recover_jobs(s, sent.append) == [(job.id, "queued")] and sent == [job.id]
-    ledger.claim(job.id, dead)
-    ledger.progress(job.id, stage="training", step=7, total_steps=80)
+    ledger.jobs.claim(job.id, dead)
+    ledger.jobs.progress(job.id, stage="training", step=7, total_steps=80)
     assert jobs.recover_jobs(s, sent.append) == [(job.id, "failed")]
-    assert "stopped during step 7/80 (attempt 2 of 2)" in ledger.job(job.id).reason
-    alive = ledger.request_training(4, "cli")[0]
-    ledger.claim(alive.id, jobs.worker_id())  # this process: alive, left alone
+    assert "stopped during step 7/80 (attempt 2 of 2)" in ledger.jobs.get(job.id).reason
+    alive = ledger.jobs.request(4, "cli")[0]
+    ledger.jobs.claim(alive.id, jobs.worker_id())  # this process: alive, left alone
     assert jobs.recover_jobs(s, sent.append, on_start=True) == []

@@ -49,8 +49,12 @@ def test_fallback_rule_matches_whisper():
     assert not signals(mean_logprob=-1.5, no_speech_prob=0.9).needs_fallback()
 
 
-def test_entropy_of_suppressed_logits_is_finite():
-    logits = torch.tensor([[0.0, 1.0, -torch.inf, -torch.inf]])
-    p = logits.log_softmax(-1).exp()
-    assert torch.isfinite(torch.special.entr(p).sum(-1)).all()
-    assert torch.isnan((p * p.log()).sum(-1)).all()  # why entr is used: the naive form is NaN
+def test_token_entropy_ignores_suppressed_tokens():
+    from ml_backend.decoding import token_entropy
+
+    suppressed = torch.tensor([[0.0, 1.0, -torch.inf, -torch.inf], [2.0, 2.0, 2.0, 2.0]]).log_softmax(-1)
+    open_only = torch.tensor([[0.0, 1.0]]).log_softmax(-1)
+    h = token_entropy(suppressed)
+    assert torch.isfinite(h).all()
+    assert torch.allclose(h[0], -(open_only.exp() * open_only).sum())  # as if the suppressed ones did not exist
+    assert torch.isclose(h[1], torch.log(torch.tensor(4.0)))  # uniform over 4: log 4

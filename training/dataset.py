@@ -133,7 +133,7 @@ def heldout_by_hash(project: int, task: int, fraction: float) -> bool:
 def frozen_splits(ledger: Ledger, project: int, tasks: list[int], fraction: float) -> dict[int, str]:
     """Splits as first assigned; a task once held out is never trained on, even if the fraction changes."""
     proposed = {t: HELDOUT if heldout_by_hash(project, t, fraction) else TRAIN for t in tasks}
-    frozen = ledger.freeze_splits(project, proposed)
+    frozen = ledger.splits.freeze(project, proposed)
     return {t: frozen[t] for t in tasks}
 
 

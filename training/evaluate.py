@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 from ml_backend.text import CHARACTER_LANGUAGES
+from ml_backend.transcription import Transcriber
 
 from .dataset import Example
 from .metrics import corpus_error_rate
@@ -25,7 +26,7 @@ class EvalReport:
         return asdict(self)
 
 
-def evaluate(engine, examples: Sequence[Example]) -> EvalReport:
+def evaluate(engine: Transcriber, examples: Sequence[Example]) -> EvalReport:
     """Transcribe the held-out clips as serving would (language detected) and score against annotations."""
     clips = [e.audio for e in examples]
     hyps = engine.transcribe(clips) if clips else []

@@ -29,6 +29,7 @@ from typing import Iterator
 import numpy as np
 
 from ml_backend.audio import SAMPLE_RATE, AudioDecodeError
+from ml_backend.errors import LoopscribeError
 from ml_backend.fetch import AudioFetchError
 from ml_backend.ledger import Ledger
 from ml_backend.settings import Settings
@@ -49,7 +50,7 @@ FORMATS = ("hf", "nemo", "jsonl", "srt", "vtt")
 HF_SPLIT_DIRS = {TRAIN: "train", HELDOUT: "test"}  # directory names `audiofolder` maps to splits
 
 
-class ExportError(Exception):
+class ExportError(LoopscribeError):
     """An export that cannot start (bad options, output in the way); nothing was written."""
 
 

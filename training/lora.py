@@ -63,7 +63,7 @@ class LoraArguments:
     dtype: str = "auto"  # WHISPER_DTYPE: fp16/bf16 become mixed precision, fp32 none
 
     @classmethod
-    def from_settings(cls, settings: Settings, **overrides) -> "LoraArguments":
+    def from_settings(cls, settings: Settings, **overrides) -> LoraArguments:
         args = cls(r=settings.lora_r, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
                    target_modules=settings.lora_target_modules, encoder=settings.lora_encoder,
                    epochs=settings.train_epochs, learning_rate=settings.train_learning_rate,

@@ -17,10 +17,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from ml_backend.errors import LoopscribeError
 from ml_backend.live import live_model
 from ml_backend.model_store import resolve_base
 from ml_backend.registry import ModelVersion, Registry
 from ml_backend.settings import Settings
+from ml_backend.transcription import Transcriber
 
 from .dataset import HELDOUT, AudioCache, export_annotated, frozen_splits, load_examples
 from .evaluate import EvalReport, evaluate
@@ -59,7 +61,7 @@ def run_training(
     ls,
     ledger,
     project: int,
-    live_engine,
+    live_engine: Transcriber,
     *,
     params: dict | None = None,
     on_progress: Callable[..., None] = lambda **_: None,
@@ -79,7 +81,7 @@ def run_training(
     log.info("project %s: %d annotated tasks → %d train, %d held out, %d without audio",
              project, len(annotated), len(train), len(heldout), len(failed))
     if not train:
-        raise ValueError(f"project {project} has no annotated training tasks ({len(heldout)} held out)")
+        raise LoopscribeError(f"project {project} has no annotated training tasks ({len(heldout)} held out)")
     if len(heldout) < max(1, settings.heldout_min_items):  # decided before training or evaluation is paid for
         reason = (f"not enough evidence: the held-out split has {len(heldout)} items, fewer than "
                   f"HELDOUT_MIN_ITEMS={settings.heldout_min_items}; nothing was trained or evaluated")

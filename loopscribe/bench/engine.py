@@ -68,8 +68,9 @@ def _timed(run: Callable[[], list[str]], repeats: int) -> tuple[float, list[str]
 
 
 def bench_engine(args: argparse.Namespace, settings: Settings) -> int:
-    from ml_backend.engine import TranscribeOptions, WhisperEngine
+    from ml_backend.engine import WhisperEngine
     from ml_backend.model_store import resolve_base
+    from ml_backend.transcription import TranscribeOptions
 
     clips = reference_clips(args.clips, settings)
     audio = [decode_audio(c.path) for c in clips]
@@ -84,13 +85,16 @@ def bench_engine(args: argparse.Namespace, settings: Settings) -> int:
         ct2_path = resolved.ct2_path or str(Path(resolved.path).parent / "ct2")
         model_rows: list[BenchRow] = []
 
+        variants: list[tuple[str, Settings]]
         if cuda:
-            variants = [(f"transformers {dtype}", {"dtype": dtype}) for dtype in ("float16", "bfloat16", "float32")]
+            variants = [(f"transformers {dtype}", replace(settings, dtype=dtype))
+                        for dtype in ("float16", "bfloat16", "float32")]
         else:
-            variants = [("transformers fp32", {}), ("transformers int8-dynamic", {"quantize": True})]
-        for label, changes in variants:
+            variants = [("transformers fp32", settings),
+                        ("transformers int8-dynamic", replace(settings, quantize=True))]
+        for label, variant in variants:
             for batch in args.batch_size or [settings.batch_size]:
-                engine = WhisperEngine(replace(settings, batch_size=batch, **changes), model)
+                engine = WhisperEngine(replace(variant, batch_size=batch), model)
                 engine.transcribe(audio[:1])  # warm-up
                 engine.clear_cache()
                 if cuda:
@@ -123,8 +127,9 @@ def bench_engine(args: argparse.Namespace, settings: Settings) -> int:
                 except (RuntimeError, ValueError) as exc:  # e.g. a CTranslate2 build without this CUDA
                     print(f"faster-whisper {compute_type}: unavailable ({exc})", flush=True)
                     continue
-                fw_run = lambda: ["".join(s.text for s in fw.transcribe(a, beam_size=1, best_of=1)[0]).strip()
-                                  for a in audio]
+                def fw_run(fw: WhisperModel = fw) -> list[str]:
+                    return ["".join(s.text for s in fw.transcribe(a, beam_size=1, best_of=1)[0]).strip() for a in audio]
+
                 fw.transcribe(audio[0], beam_size=1)  # warm-up
                 wall, texts = _timed(fw_run, args.repeats)
                 model_rows.append(BenchRow(f"{resolved.name} faster-whisper {compute_type}", 1, total, wall,

@@ -117,7 +117,7 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
     started = time.perf_counter()
     truth = {c.path.name: c for c in pool}
     config = LABEL_CONFIG.read_text()
-    project = ls.projects.create(title=f"bench loop {strategy} {time.strftime('%H%M%S')}", label_config=config).id
+    project = labelstudio.create_project(ls, f"bench loop {strategy} {time.strftime('%H%M%S')}", config)
     curve = Curve(strategy)
     work = Path(tempfile.mkdtemp(prefix="bench-loop-", dir=settings.home))
     rng = random.Random(args.seed)

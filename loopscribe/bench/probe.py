@@ -63,7 +63,7 @@ def bench_probe(args: argparse.Namespace, settings: Settings) -> int:
         write_wav(with_noise(load(base[i % len(base)].path), snr_db=40.0, seed=seed + i), path)
         paths.append(path)
     label_config = LABEL_CONFIG.read_text()
-    project = ls.projects.create(title=f"probe {time.strftime('%Y%m%d-%H%M%S')}", label_config=label_config).id
+    project = labelstudio.create_project(ls, f"probe {time.strftime('%Y%m%d-%H%M%S')}", label_config)
     rows: list[tuple[str, str]] = []
     try:
         labelstudio.import_audio(ls, settings, project, paths, media_root=media, progress=False)

@@ -41,7 +41,7 @@ def bench_backend(args: argparse.Namespace, settings: Settings) -> int:
             write_wav(with_noise(load(clip.path), snr_db=40.0, seed=run_seed + rep * 100 + i), path)
             paths.append(path)
     label_config = LABEL_CONFIG.read_text()
-    project = ls.projects.create(title=f"bench {time.strftime('%Y%m%d-%H%M%S')}", label_config=label_config).id
+    project = labelstudio.create_project(ls, f"bench {time.strftime('%Y%m%d-%H%M%S')}", label_config)
     try:
         report = labelstudio.import_audio(ls, settings, project, paths, media_root=media, progress=False)
         tasks = sorted(ls.tasks.list(project=project, fields="all"), key=lambda t: t.data["source_file"])
@@ -105,8 +105,7 @@ def bench_retrain(args: argparse.Namespace, settings: Settings) -> int:
     clips = vocabulary_clips(settings.home / "cache" / "vocab", args.corrections + 20)
     truth = {c.path.name: c.text for c in clips}
     label_config = LABEL_CONFIG.read_text()
-    project = ls.projects.create(title=f"bench retrain {time.strftime('%Y%m%d-%H%M%S')}",
-                                 label_config=label_config).id
+    project = labelstudio.create_project(ls, f"bench retrain {time.strftime('%Y%m%d-%H%M%S')}", label_config)
     ledger = Ledger(settings.ledger_path)
     try:
         labelstudio.import_audio(ls, settings, project, [c.path for c in clips],
@@ -117,9 +116,10 @@ def bench_retrain(args: argparse.Namespace, settings: Settings) -> int:
             labelstudio.submit_transcript(ls, task, truth[Path(task.data["source_file"]).name], "en")
         job, _ = jobs.request_training(settings, project, "bench", {"epochs": args.epochs} if args.epochs else None)
         print(f"project {project}: {args.corrections} annotated tasks, training job {job.id} queued", flush=True)
-        start, stage, marks = time.time(), None, []
+        start, stage = time.time(), None
+        marks: list[tuple[str | None, float]] = []
         while True:
-            j = ledger.job(job.id)
+            j = ledger.jobs.require(job.id)
             if j.stage != stage:
                 stage = j.stage
                 marks.append((stage, time.time() - start))
@@ -127,13 +127,14 @@ def bench_retrain(args: argparse.Namespace, settings: Settings) -> int:
             if j.state not in ("queued", "running"):
                 break
             time.sleep(1)
-        total = j.finished_at - j.created_at
+        total = (j.finished_at or time.time()) - j.created_at
         print(f"\njob {j.id}: {j.state} in {total:.0f} s (queued → finished); {j.reason}")
         for (name, at), (_, nxt) in zip(marks, marks[1:] + [("end", time.time() - start)]):
             print(f"  {name or 'queued':24s} {nxt - at:7.1f} s")
         if j.version:
             v = Registry(settings.home).get(j.version)
-            print(f"  train {v.train_size}, held-out {v.heldout_size}, error {v.error_before:.3f} → {v.error_after:.3f}, "
+            print(f"  train {v.train_size}, held-out {v.heldout_size}, "
+                  f"error {v.error_before:.3f} → {v.error_after:.3f}, "
                   f"{v.params['steps']} steps in {v.params['train_seconds']} s on {v.params['device']}"
                   + (f", peak {v.params['peak_memory_mb']:.0f} MiB" if v.params.get("peak_memory_mb") else ""))
     finally:
@@ -163,8 +164,7 @@ def bench_export(args: argparse.Namespace, settings: Settings) -> int:
     ls = labelstudio.client(settings)
     label_config = LABEL_CONFIG.read_text()
     config = parse_label_config(label_config)
-    project = ls.projects.create(title=f"bench export {time.strftime('%Y%m%d-%H%M%S')}",
-                                 label_config=label_config).id
+    project = labelstudio.create_project(ls, f"bench export {time.strftime('%Y%m%d-%H%M%S')}", label_config)
     media = stack.StackPaths(settings.home).media
     clip_dir = media / f"project-{project}"
     out_root = Path(args.out or settings.home / "cache" / f"bench-export-{project}")
@@ -192,7 +192,7 @@ def bench_export(args: argparse.Namespace, settings: Settings) -> int:
                 "predictions": [{"result": result, "score": 0.5, "model_version": "bench"}],
             })
         for i in range(0, len(tasks), 250):
-            ls.projects.import_tasks(id=project, request=tasks[i : i + 250])
+            ls.projects.import_tasks(id=project, request=tasks[i : i + 250])  # type: ignore[arg-type]  # dicts
         print(f"project {project}: {len(tasks)} annotated tasks generated and imported in "
               f"{time.perf_counter() - start:.0f} s", flush=True)
         print(f"{'format':7s} {'tasks':>6s} {'audio min':>9s} {'seconds':>8s} {'tasks/s':>8s}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 from pathlib import Path
+from typing import Any
 
 from ..demo import (
     SENTENCES,
@@ -51,7 +52,9 @@ TEMPLATES = [
     "The {} meeting moved to Friday.",
     "Download {} from the intranet.",
 ]
-VOICES = [dict(speed=150, pitch=50), dict(speed=130, pitch=35), dict(speed=170, pitch=65), dict(speed=140, pitch=45)]
+VOICES: list[dict[str, Any]] = [
+    dict(speed=150, pitch=50), dict(speed=130, pitch=35), dict(speed=170, pitch=65), dict(speed=140, pitch=45),
+]
 
 
 def template_of(index: int) -> int:
@@ -77,7 +80,9 @@ def vocabulary_clips(out_dir: Path, count: int = 24, offset: int = 0) -> list[Sy
 
 # Recording conditions the domain clips cycle through: a domain word is only learnable from audio
 # that still carries it, so noise stays at or above 10 dB here (the hopeless cases are separate).
-CONDITIONS = [("clean", {}, None), ("snr15", {}, 15.0), ("fast", dict(speed=205), None), ("snr10", {}, 10.0)]
+CONDITIONS: list[tuple[str, dict[str, Any], float | None]] = [
+    ("clean", {}, None), ("snr15", {}, 15.0), ("fast", dict(speed=205), None), ("snr10", {}, 10.0),
+]
 
 
 def domain_clips(out_dir: Path, count: int, offset: int = 0) -> list[SynthClip]:

@@ -80,7 +80,7 @@ def random_whisper(shape: str, tokenizer_from: str, out_dir: Path) -> Path:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
         model = WhisperForConditionalGeneration(config)
-    model.to(torch.float16).save_pretrained(out_dir)
+    model.half().save_pretrained(out_dir)
     WhisperTokenizer.from_pretrained(tokenizer_from).save_pretrained(out_dir)
     WhisperFeatureExtractor(feature_size=mels).save_pretrained(out_dir)  # Whisper's defaults, N mel bins
     del model
@@ -165,8 +165,8 @@ def bench_train(args: argparse.Namespace, settings: Settings) -> int:
             # any multilingual Whisper's tokenizer fits: the first model given, else the bundled base
             tokenizer_from = targets[0][0] if targets else resolve_base(settings, "base", install_missing=True).path
             print(f"writing a randomly initialized Whisper {shape} to a local directory …", flush=True)
-            path = random_whisper(shape, tokenizer_from, Path(scratch) / shape)
-            targets.append((str(path), f"{shape} (random weights)"))
+            written = random_whisper(shape, tokenizer_from, Path(scratch) / shape)
+            targets.append((str(written), f"{shape} (random weights)"))
         for path, label in targets:
             if cuda:
                 torch.cuda.empty_cache()

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from ml_backend.engine import Transcription
 from ml_backend.settings import Settings
+from ml_backend.transcription import Transcription
 
 from ..demo import (
     SENTENCES,
