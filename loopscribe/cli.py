@@ -314,12 +314,14 @@ def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_project_create(args: argparse.Namespace, settings: Settings) -> int:
-    from ml_backend.label_config import parse_label_config
+    from ml_backend.label_config import parse_label_config, restrict_languages
 
     from . import labelstudio
 
     config = (args.config or LABEL_CONFIG).read_text()
     parse_label_config(config)  # a config the backend cannot serve fails here, with the reason
+    if args.languages:
+        config = restrict_languages(config, args.languages.split(","))
     ls = labelstudio.client(settings)
     project = labelstudio.find_or_create_project(ls, args.title, config)
     ls.projects.update(id=project, sampling=labelstudio.UNCERTAINTY_SAMPLING)
@@ -514,6 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = projects.add_parser("create", help="create a project with the transcription config, connect the backend")
     p.add_argument("--title", required=True)
     p.add_argument("--config", type=Path, help="a label config XML (default: label_config.xml)")
+    p.add_argument("--languages", help="comma-separated language codes the recordings are in (e.g. en or en,de): "
+                                       "the config offers only these and the model predicts no other")
     p.set_defaults(func=cmd_project_create)
     p = sub.add_parser("config", help="effective settings (secrets masked), or the settings reference")
     p.add_argument("--markdown", action="store_true", help="the reference as a Markdown table (README)")

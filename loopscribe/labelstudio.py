@@ -32,7 +32,7 @@ from ml_backend.fetch import AudioFetcher, AudioFetchError, load_task_audio
 from ml_backend.label_config import parse_label_config
 from ml_backend.predictions import to_prediction
 from ml_backend.settings import Settings
-from ml_backend.transcription import Transcriber
+from ml_backend.transcription import TranscribeOptions, Transcriber
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +230,7 @@ def predict_project(
 
     version = engine.model_version
     config = parse_label_config(ls.projects.get(id=project).label_config)
+    options = TranscribeOptions.for_project(config.language_values)  # only the project's languages
     fetcher = AudioFetcher(settings)
     report = PredictReport()
     todo, holding_version = [], 0
@@ -262,7 +263,7 @@ def predict_project(
             clips = [a for a in loaded if not isinstance(a, str)]
             report.failed.update({t.id: a for t, a in zip(batch, loaded) if isinstance(a, str)})
             if clips:
-                transcripts = engine.transcribe(clips)
+                transcripts = engine.transcribe(clips, options)
                 predictions = [to_prediction(t, config) | {"task": i} for i, t in zip(ids, transcripts)]
                 ls.projects.import_predictions(id=project, request=predictions)  # type: ignore[arg-type]  # dicts
                 report.predicted += len(predictions)

@@ -53,7 +53,7 @@ from .predictions import to_prediction
 from .projects import ProjectDirectory, ProjectState
 from .safelog import clip
 from .settings import Settings
-from .transcription import Transcriber
+from .transcription import TranscribeOptions, Transcriber
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,7 @@ class PredictionService:
         gets an empty result and a log line. Tasks are decoded and transcribed ``WHISPER_BATCH_SIZE`` at a
         time, so a request holds at most one chunk of decoded audio, never the whole batch."""
         config = parse_label_config(label_config)
+        options = TranscribeOptions.for_project(config.language_values)  # only the project's languages
         version = self.model_version
         results: list[dict] = [{"result": [], "score": 0.0, "model_version": version} for _ in tasks]
         chunk = max(1, self.settings.batch_size)
@@ -135,7 +136,7 @@ class PredictionService:
             with ThreadPoolExecutor(FETCH_THREADS) as pool:
                 loaded = list(pool.map(lambda i: self._try_load(i, tasks[i], config.audio_key), indices))
             good = [(i, clip_) for i, clip_ in zip(indices, loaded) if clip_ is not None]
-            transcripts = self.engine.transcribe([c for _, c in good]) if good else []
+            transcripts = self.engine.transcribe([c for _, c in good], options) if good else []
             for (i, _), t in zip(good, transcripts):
                 results[i] = to_prediction(t, config)
             if metrics:

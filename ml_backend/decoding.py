@@ -11,6 +11,7 @@ token was actually chosen from.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -65,9 +66,13 @@ class LanguagePosterior:
     probabilities: dict[str, float]  # all languages the model knows, summing to 1
     no_speech_prob: float
 
-    def best(self) -> tuple[str, float]:
-        code = max(self.probabilities, key=self.probabilities.__getitem__)
-        return code, self.probabilities[code]
+    def best(self, among: Collection[str] | None = None) -> tuple[str, float]:
+        """The likeliest language, and its probability. With ``among`` (a project's languages) the choice is
+        restricted to those and the probability renormalized over them."""
+        allowed = {c: p for c, p in self.probabilities.items() if among is None or c in among} or self.probabilities
+        code = max(allowed, key=allowed.__getitem__)
+        total = sum(allowed.values())
+        return code, allowed[code] / total if total > 0 else 1.0
 
 
 @dataclass

@@ -248,9 +248,12 @@ class WhisperEngine:
         posteriors = self.decoder.detect_language(encoded)
         languages, language_probs = [], []
         for post in posteriors:
-            code = options.language or post.best()[0]
+            if options.language:
+                code, probability = options.language, post.probabilities.get(options.language, 1.0)
+            else:
+                code, probability = post.best(options.languages)
             languages.append(code)
-            language_probs.append(post.probabilities.get(code, 1.0))
+            language_probs.append(probability)
         prompts = [self.decoder.prompt(lang, options.task, options.timestamps) for lang in languages]
         no_speech = [p.no_speech_prob for p in posteriors]
 

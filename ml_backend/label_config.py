@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -70,7 +72,8 @@ def parse_label_config(xml: str) -> TranscriptionConfig:
             code = stored if len(stored) <= 3 else _code_in_parentheses(choice.get("value") or "")
             if code:
                 values[code.lower()] = stored
-        if len(values) >= 2 and ("en" in values or t.get("name", "").lower().startswith("lang")):
+        named_language = (t.get("name") or "").lower().startswith("lang")
+        if values and (named_language or (len(values) >= 2 and "en" in values)):
             language_name, language_values = t.get("name"), values
             break
 
@@ -96,6 +99,36 @@ def parse_label_config(xml: str) -> TranscriptionConfig:
             f'(or <Labels> with a perRegion TextArea for segments)'
         )
     return config
+
+
+def restrict_languages(xml: str, codes: Sequence[str]) -> str:
+    """``xml`` with its language Choices cut down to ``codes`` (in the config's order), for a project whose
+    recordings are in those languages only: the backend then never predicts another (one code: no detection).
+
+    Edits the text, so comments and layout survive; raises :class:`LabelConfigError` for a code the config
+    does not offer.
+    """
+    config = parse_label_config(xml)
+    wanted = [c.strip().lower() for c in codes if c.strip()]
+    missing = [c for c in wanted if c not in config.language_values]
+    if not config.language_name or not wanted or missing:
+        raise LabelConfigError(f"the label config offers no language choice for {', '.join(missing or wanted)!r}"
+                               if config.language_name else "the label config has no language Choices")
+    opening = re.search(rf'<Choices\b[^>]*\bname="{re.escape(config.language_name)}"[^>]*>', xml)
+    assert opening is not None  # parse_label_config found it
+    end = xml.index("</Choices>", opening.end())
+
+    def keep(choice: re.Match) -> str:
+        tag = choice.group(0)
+        stored = re.search(r'\balias="([^"]*)"', tag) or re.search(r'\bvalue="([^"]*)"', tag)
+        value = stored.group(1) if stored else ""
+        code = value if len(value) <= 3 else _code_in_parentheses(value)
+        return tag if (code or "").lower() in wanted else ""
+
+    block = re.sub(r"[ \t]*<Choice\b[^>]*/>[ \t]*\n?", keep, xml[opening.end():end])
+    restricted = xml[:opening.end()] + block + xml[end:]
+    assert set(parse_label_config(restricted).language_values) == set(wanted)
+    return restricted
 
 
 def _code_in_parentheses(value: str) -> str | None:

@@ -7,6 +7,7 @@ Serving, bulk pre-annotation and evaluation depend on this protocol, not on an e
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from collections.abc import Collection
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
@@ -21,6 +22,8 @@ class TranscribeOptions:
     """``transcribe`` keeps the spoken language; ``translate`` writes English."""
     language: str | None = None
     """Force this language code for every window; ``None`` detects it per window."""
+    languages: tuple[str, ...] | None = None
+    """Detect only among these (a project's languages); a single one is forced, no detection."""
     timestamps: bool = True
     """Predict segment timestamps (costs two tokens per segment)."""
     temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -31,8 +34,19 @@ class TranscribeOptions:
             raise ConfigurationError(f"task must be 'transcribe' or 'translate', not {self.task!r}")
         from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
-        if self.language is not None and self.language not in LANGUAGES:
-            raise ConfigurationError(f"unknown language {self.language!r} (Whisper's codes: en, de, zh, …)")
+        for code in (self.language, *(self.languages or ())):
+            if code is not None and code not in LANGUAGES:
+                raise ConfigurationError(f"unknown language {code!r} (Whisper's codes: en, de, zh, …)")
+
+    @classmethod
+    def for_project(cls, languages: Collection[str]) -> TranscribeOptions:
+        """Options for a project whose label config lists ``languages`` (empty: any language)."""
+        from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+        known = tuple(sorted(c for c in languages if c in LANGUAGES))
+        if len(known) == 1:
+            return cls(language=known[0])
+        return cls(languages=known or None)
 
 
 @dataclass(frozen=True)

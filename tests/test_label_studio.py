@@ -114,6 +114,25 @@ def test_concurrent_uploads_attach_metadata_to_their_own_task(live, ls, espeak_d
         assert data["source_file"] == str(clip) and data["sha256"][:16] in data["audio"], data
 
 
+def test_project_languages_restrict_predictions(live, ls, engine, shared_audio):
+    """`project create --languages en`: the config offers English only, and French audio is predicted as English."""
+    from ml_backend.label_config import parse_label_config
+
+    s, paths, env_file = live
+    env = {"LOOPSCRIBE_ENV_FILE": str(env_file), "LOOPSCRIBE_HOME": str(s.home), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-m", "loopscribe.cli", "project", "create", "--title", "english only",
+                           "--languages", "en"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    project = labelstudio.find_or_create_project(ls, "english only", CONFIG)
+    assert parse_label_config(ls.projects.get(id=project).label_config).language_values == {"en": "en"}
+    clips = [shared_audio / "dictee_fr.aiff", shared_audio / "jfk_en.flac"]
+    labelstudio.import_audio(ls, s, project, clips, media_root=paths.media, progress=False)
+    ls.actions.create(id="retrieve_tasks_predictions", project=project, selected_items={"all": True, "excluded": []})
+    choices = [r["value"]["choices"] for t in ls.tasks.list(project=project, fields="all") for p in t.predictions
+               for r in p.result if r["type"] == "choices"]
+    assert choices == [["en"], ["en"]], choices
+
+
 def test_retrieve_predictions_action_fetches_upload_and_local_files(live, ls, engine, shared_audio, espeak_dir):
     s, paths, _ = live
     project = labelstudio.find_or_create_project(ls, "retrieve", CONFIG)
