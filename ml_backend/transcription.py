@@ -6,8 +6,8 @@ Serving, bulk pre-annotation and evaluation depend on this protocol, not on an e
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from collections.abc import Collection
+from dataclasses import asdict, dataclass
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
