@@ -253,7 +253,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
             last = line
         if j.state not in ("queued", "running"):
             print(f"job {j.id}: {j.state}: {j.reason}")
-            return 0 if j.state in ("promoted", "rejected") else 1
+            return 0 if j.state in ("promoted", "rejected", "inconclusive") else 1
         time.sleep(2)
 
 
@@ -264,14 +264,17 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     base = resolve_base(settings)
     live = live_model(settings).registry_version
     if args.models_command == "list":
-        print(f"{'version':46s} {'status':9s} {'parent':46s} {'train':>5s} {'held':>5s} {'before':>7s} {'after':>7s}")
-        print(f"{base.version:46s} {'live' if live == base.version else 'base':9s} {'':46s}")
+        print(f"{'version':46s} {'status':12s} {'parent':46s} {'train':>5s} {'held':>5s} {'before':>7s} "
+              f"{'after':>7s} {'gain lower bound':>16s}")
+        print(f"{base.version:46s} {'live' if live == base.version else 'base':12s} {'':46s}")
         for v in registry.list():
             if v.base_version != base.version:
                 continue
             fmt = lambda x: f"{x:7.3f}" if x is not None else f"{'':7s}"  # noqa: E731
-            print(f"{v.version:46s} {v.status:9s} {v.parent:46s} {v.train_size:5d} {v.heldout_size:5d} "
-                  f"{fmt(v.error_before)} {fmt(v.error_after)}")
+            comparison = (v.report.get("gate") or {}).get("comparison") or {}
+            bound = f"{comparison['lower']:+.3f} ({comparison['confidence']:.0%})" if comparison else ""
+            print(f"{v.version:46s} {v.status:12s} {v.parent:46s} {v.train_size:5d} {v.heldout_size:5d} "
+                  f"{fmt(v.error_before)} {fmt(v.error_after)} {bound:>16s}")
     elif args.models_command == "show":
         print(json.dumps(asdict(registry.get(args.version)), indent=2, ensure_ascii=False))
     elif args.models_command == "promote":

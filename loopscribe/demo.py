@@ -8,7 +8,6 @@ made only for benchmarks lives in :mod:`loopscribe.bench.synth`.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import numpy as np
 from ml_backend.audio import SAMPLE_RATE, decode_audio
 from ml_backend.errors import EnvironmentProblem
 
-from .paths import REPO_ROOT
+from .paths import shared_audio_dir
 
 # Languages whose espeak-ng voices Whisper base recognizes (FACTS.md); others come out garbled.
 SENTENCES: dict[str, list[str]] = {
@@ -124,11 +123,6 @@ def demo_clips(out_dir: Path) -> list[SynthClip]:
         write_wav(with_noise(load(clean.path), snr_db=0.0, seed=1), noisy)
     clips.append(SynthClip(noisy, SENTENCES["es"][0], "es"))
     return clips
-
-
-def shared_audio_dir() -> Path:
-    """``LOOPSCRIBE_SHARED_AUDIO``, else ``shared/audio`` beside the checkout."""
-    return Path(os.environ.get("LOOPSCRIBE_SHARED_AUDIO") or REPO_ROOT.parent / "shared" / "audio")
 
 
 def shared_clips(root: Path | None = None) -> list[ReferenceClip]:

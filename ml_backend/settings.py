@@ -103,6 +103,15 @@ class Settings:
                                            "that queue a job (0: only on request)", group="training")
     promote_min_gain: float = setting(0.01, "PROMOTE_MIN_GAIN", "a candidate goes live only if its held-out error "
                                       "rate is lower by at least this (absolute)", group="training")
+    promote_confidence: float = setting(0.95, "PROMOTE_CONFIDENCE", "… and better with this confidence (one-sided "
+                                        "paired bootstrap over held-out utterances); otherwise: not enough evidence",
+                                        group="training")
+    regression_audio: str = setting("", "REGRESSION_AUDIO", "folder of general real recordings with "
+                                    "`transcripts.json`; a candidate may not be worse on them (`up` uses the shared "
+                                    "recordings when present)", group="training")
+    regression_max_increase: float = setting(0.005, "REGRESSION_MAX_INCREASE", "largest rise of the regression "
+                                             "set's error rate a candidate may cause (0.005 = half a point)",
+                                             group="training")
     heldout_fraction: float = setting(0.2, "HELDOUT_FRACTION", "share of annotated tasks frozen into the held-out "
                                       "split (by a hash of project and task id)", group="training")
     heldout_min_items: int = setting(4, "HELDOUT_MIN_ITEMS", "fewer held-out items than this and no candidate is "

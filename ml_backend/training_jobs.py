@@ -2,7 +2,7 @@
 
 States (:class:`JobState`)::
 
-    queued ──claim──▶ running ──finish──▶ promoted | rejected | failed
+    queued ──claim──▶ running ──finish──▶ promoted | rejected | inconclusive | failed
       ▲                  │
       └──requeue_or_fail─┘   (its worker died: queued again while attempts remain, else failed)
 
@@ -47,6 +47,7 @@ class JobState(StrEnum):
     RUNNING = "running"
     PROMOTED = "promoted"
     REJECTED = "rejected"
+    INCONCLUSIVE = "inconclusive"  # the candidate looked better, but not knowably so: not enough evidence
     FAILED = "failed"
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loopscribe.demo import shared_audio_dir
+from loopscribe.paths import shared_audio_dir
 from ml_backend.audio import decode_audio
 from ml_backend.settings import Settings
 

@@ -9,7 +9,7 @@ from ml_backend.text import CHARACTER_LANGUAGES
 from ml_backend.transcription import Transcriber
 
 from .dataset import Example
-from .metrics import corpus_error_rate
+from .metrics import corpus_error_rate, utterance_counts
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,12 @@ class EvalReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def counts(self) -> list[tuple[int, int]]:
+        """``(errors, reference units)`` per utterance, in order: what the gate's paired test compares."""
+        rows = self.examples
+        return utterance_counts([r["reference"] for r in rows], [r["hypothesis"] for r in rows],
+                                [r["language"] for r in rows])
 
 
 def evaluate(engine: Transcriber, examples: Sequence[Example]) -> EvalReport:

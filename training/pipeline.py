@@ -24,16 +24,18 @@ from ml_backend.registry import ModelVersion, Registry
 from ml_backend.settings import Settings
 from ml_backend.transcription import Transcriber
 
+from . import gate
 from .dataset import HELDOUT, AudioCache, export_annotated, frozen_splits, load_examples
 from .evaluate import EvalReport, evaluate
 from .lora import LoraArguments, train_lora
+from .metrics import corpus_error_rate
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TrainingOutcome:
-    state: str  # promoted | rejected
+    state: str  # promoted | rejected | inconclusive (training.gate)
     version: str | None
     reason: str
     train_size: int
@@ -54,6 +56,25 @@ def _adapter_digest(adapter_dir: Path) -> str:
     for f in sorted(adapter_dir.glob("*.safetensors")):
         digest.update(f.read_bytes())
     return digest.hexdigest()[:8]
+
+
+def _regression_check(settings: Settings, live: Transcriber, candidate: Transcriber) -> gate.RegressionCheck | None:
+    """Both models on the general-speech regression set (``REGRESSION_AUDIO``); None when there is none."""
+    from ml_backend.audio import AudioDecodeError, decode_audio
+
+    clips, refs, langs = [], [], []
+    for path, text, language in gate.regression_clips(settings):
+        try:
+            clips.append(decode_audio(path, max_seconds=settings.max_audio_seconds, timeout=settings.ffmpeg_timeout))
+        except AudioDecodeError as exc:
+            log.warning("regression set: skipping %s", exc)
+            continue
+        refs.append(text)
+        langs.append(language)
+    if not clips:
+        return None
+    errors = [corpus_error_rate(refs, [t.text for t in model.transcribe(clips)], langs) for model in (live, candidate)]
+    return gate.RegressionCheck(len(clips), errors[0], errors[1], settings.regression_max_increase)
 
 
 def run_training(
@@ -108,13 +129,16 @@ def run_training(
         on_progress(stage="evaluating candidate")
         from ml_backend.engine import WhisperEngine
 
-        after = evaluate(WhisperEngine(settings, resolved=candidate), heldout)
+        candidate_engine = WhisperEngine(settings, resolved=candidate)
+        after = evaluate(candidate_engine, heldout)
 
-        gain = before.error_rate - after.error_rate
-        if gain >= settings.promote_min_gain:
-            promote, reason = True, f"gain {gain:.3f} ≥ PROMOTE_MIN_GAIN {settings.promote_min_gain}"
-        else:
-            promote, reason = False, f"gain {gain:.3f} < PROMOTE_MIN_GAIN {settings.promote_min_gain}"
+        comparison = gate.compare(before.counts(), after.counts(), settings.promote_confidence)
+        regression = None
+        if gate.decide(comparison, settings).outcome == gate.PROMOTE:  # general speech only matters then
+            on_progress(stage="checking general speech")
+            regression = _regression_check(settings, live_engine, candidate_engine)
+        decision = gate.decide(comparison, settings, regression)
+        promote, reason = decision.outcome == gate.PROMOTE, decision.reason
 
         info = ModelVersion(
             version=version, base_version=base.version, base_model=base.path, parent=live.registry_version,
@@ -124,16 +148,16 @@ def run_training(
             params=args.to_dict() | {"steps": result.steps, "final_loss": result.final_loss,
                                      "train_seconds": round(result.seconds, 1), "device": result.device,
                                      "peak_memory_mb": result.peak_memory_mb},
-            report={"decision": reason, "before": before.to_dict(), "after": after.to_dict(),
-                    "audio_failed": failed},
+            report={"decision": reason, "outcome": decision.outcome, "gate": decision.to_dict(),
+                    "before": before.to_dict(), "after": after.to_dict(), "audio_failed": failed},
         )
         registry.add(info, result.adapter_dir)
         if promote:
             registry.promote(version, base.version)
         else:
-            registry.update(version, status="rejected")
-        log.info("%s %s: %s", "promoted" if promote else "rejected", version, reason)
-        return TrainingOutcome("promoted" if promote else "rejected", version, reason, len(train), len(heldout),
-                               before, after, time.perf_counter() - started)
+            registry.update(version, status=decision.outcome)
+        log.info("%s %s: %s", decision.outcome, version, reason)
+        return TrainingOutcome(decision.outcome, version, reason, len(train), len(heldout), before, after,
+                               time.perf_counter() - started)
     finally:
         shutil.rmtree(work, ignore_errors=True)
