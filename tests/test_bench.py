@@ -52,3 +52,38 @@ def test_bench_train_times_steps_of_a_local_random_model(tmp_path, settings, cap
     assert row["steps"] == 3 and row["trainable_m"] > 0
     assert row["later_s_per_step"] > 0 and row["peak_memory_mb"] > 0
     assert "tiny (random weights)" in capsys.readouterr().out
+
+
+def test_corpus_split_is_speaker_disjoint_and_seeded(tmp_path):
+    from loopscribe.bench.loop import corpus_split
+
+    meta, speakers = {}, {}
+    for spk in range(10):
+        for utt in range(5):
+            name = f"s{spk}_{utt}.wav"
+            (tmp_path / name).write_bytes(b"")
+            meta[name], speakers[name] = {"text": f"utterance {utt}", "language": "en"}, f"spk{spk}"
+    (tmp_path / "transcripts.json").write_text(json.dumps(meta))
+    (tmp_path / "speakers.json").write_text(json.dumps(speakers))
+    pool, held = corpus_split(tmp_path, seed=1, pool_size=30, heldout_size=8)
+    assert len(pool) == 30 and len(held) == 8
+    assert not {speakers[c.path.name] for c in pool} & {speakers[c.path.name] for c in held}
+    assert corpus_split(tmp_path, 1, 30, 8) == (pool, held)
+    assert corpus_split(tmp_path, 2, 30, 8) != (pool, held)
+
+
+def test_mean_interval_over_seeds():
+    from loopscribe.bench.loop import mean_interval
+
+    mean, lo, hi = mean_interval([0.30, 0.32, 0.34])
+    assert mean == 0.32 and lo < 0.30 and hi > 0.34  # t(2) is wide: three seeds say little
+    assert mean_interval([0.5]) == (0.5, 0.5, 0.5)
+
+
+def test_the_reserved_test_split_is_never_written(tmp_path):
+    import pytest
+
+    from loopscribe.bench.corpus import prepare_speechocean762
+
+    with pytest.raises(SystemExit, match="reserved"):
+        prepare_speechocean762(tmp_path, tmp_path / "out", split="test")

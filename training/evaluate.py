@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 from ml_backend.text import CHARACTER_LANGUAGES
-from ml_backend.transcription import Transcriber
+from ml_backend.transcription import TranscribeOptions, Transcriber
 
 from .dataset import Example
 from .metrics import corpus_error_rate, utterance_counts
@@ -32,10 +32,12 @@ class EvalReport:
                                 [r["language"] for r in rows])
 
 
-def evaluate(engine: Transcriber, examples: Sequence[Example]) -> EvalReport:
-    """Transcribe the held-out clips as serving would (language detected) and score against annotations."""
+def evaluate(engine: Transcriber, examples: Sequence[Example],
+             options: TranscribeOptions = TranscribeOptions()) -> EvalReport:
+    """Transcribe the held-out clips as serving would (language detected, unless ``options`` force one)
+    and score against annotations."""
     clips = [e.audio for e in examples]
-    hyps = engine.transcribe(clips) if clips else []
+    hyps = engine.transcribe(clips, options) if clips else []
     refs = [e.text for e in examples]
     langs = [e.language or h.language for e, h in zip(examples, hyps)]
     texts = [h.text for h in hyps]

@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "train": ("train", "bench_train"),
     "uncertainty": ("uncertainty", "bench_uncertainty"),
     "loop": ("loop", "bench_loop"),
+    "corpus": ("corpus", "bench_corpus"),
 }
 
 

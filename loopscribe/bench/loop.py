@@ -21,6 +21,14 @@ optimistic in the way any gated deployment is.
 
 The pool (:func:`loop_pool`) mixes sentences around invented product names, in varied
 conditions, with speech base Whisper already gets right and a few hopeless clips.
+
+With ``--corpus DIR`` (real recordings: ``transcripts.json`` and ``speakers.json``, see
+:mod:`loopscribe.bench.corpus`) the pool and the held-out set are real speech instead, split
+by speaker so the held-out speakers are never heard in training; each of ``--seeds`` seeds draws
+its own split and pool, both strategies run on the same one, and every point is reported as
+the mean over seeds with a 95 % interval (t distribution), plus the label saving. The held-out
+error is also measured with the language forced at the start and the end, so learning is told
+apart from fixing the detected language.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import requests
 
 from ml_backend.settings import Settings
@@ -53,6 +62,9 @@ class Curve:
     points: list[tuple[int, float]] = field(default_factory=list)  # (corrections, held-out error of the live model)
     candidates: list[float] = field(default_factory=list)  # held-out error of each round's candidate, gated or not
     seconds: float = 0.0
+    seed: int = 0
+    decisions: list[str] = field(default_factory=list)  # the gate's outcome each round
+    forced: tuple[float, float] | None = None  # live model's held-out error with the language forced: first, last
 
     def corrections_to_reach(self, target: float) -> float | None:
         """Corrections at which the curve first reaches ``target`` (linear between rounds); None if never."""
@@ -104,10 +116,30 @@ def _next_task(settings: Settings, project: int) -> int | None:
     return int(r.json()["id"])
 
 
+def corpus_split(root: Path, seed: int, pool_size: int, heldout_size: int,
+                 heldout_speakers: float = 0.2) -> tuple[list[ReferenceClip], list[ReferenceClip]]:
+    """(pool, held-out) from a corpus folder, speaker-disjoint: a seeded ``heldout_speakers`` share of the
+    speakers is held out, and both sides are seeded samples of their utterances."""
+    from .corpus import load_corpus
+
+    clips, speakers = load_corpus(root)
+    rng = random.Random(seed)
+    voices = sorted(set(speakers.values()))
+    rng.shuffle(voices)
+    held_voices = set(voices[: max(1, round(len(voices) * heldout_speakers))])
+    held = [ReferenceClip(p, t, lang) for p, t, lang in clips if speakers[p.name] in held_voices]
+    pool = [ReferenceClip(p, t, lang) for p, t, lang in clips if speakers[p.name] not in held_voices]
+    rng.shuffle(held)
+    rng.shuffle(pool)
+    return pool[:pool_size], held[:heldout_size]
+
+
 def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls, base_engine,
-                 pool: list[ReferenceClip], heldout_examples, media: Path) -> Curve:
+                 pool: list[ReferenceClip], heldout_examples, media: Path, seed: int = 0) -> Curve:
     from ml_backend.engine import WhisperEngine
     from ml_backend.model_store import resolve_base
+    from ml_backend.transcription import TranscribeOptions
+    from training import gate
     from training.dataset import Example
     from training.evaluate import evaluate
     from training.lora import LoraArguments, train_lora
@@ -117,16 +149,20 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
     started = time.perf_counter()
     truth = {c.path.name: c for c in pool}
     config = LABEL_CONFIG.read_text()
-    project = labelstudio.create_project(ls, f"bench loop {strategy} {time.strftime('%H%M%S')}", config)
-    curve = Curve(strategy)
+    project = labelstudio.create_project(ls, f"bench loop {strategy} s{seed} {time.strftime('%H%M%S')}", config)
+    curve = Curve(strategy, seed=seed)
     work = Path(tempfile.mkdtemp(prefix="bench-loop-", dir=settings.home))
-    rng = random.Random(args.seed)
+    rng = random.Random(seed)
+    forced = TranscribeOptions(language=args.force_language) if args.force_language else None
     try:
         labelstudio.import_audio(ls, settings, project, [c.path for c in pool], media_root=media, progress=False)
         labelstudio.predict_project(ls, settings, project, base_engine, progress=False)  # content-hash cache: fast
-        live_error = evaluate(base_engine, heldout_examples).error_rate
+        live_report = evaluate(base_engine, heldout_examples)
+        live_error, live_engine = live_report.error_rate, None
+        forced_first = evaluate(base_engine, heldout_examples, forced).error_rate if forced else None
         curve.points.append((0, live_error))
-        print(f"  {strategy:8s} round 0: {0:4d} corrections, held-out error {live_error:.3f}", flush=True)
+        print(f"  {strategy:8s} seed {seed} round 0: {0:4d} corrections, held-out error {live_error:.3f}"
+              + (f" (language forced: {forced_first:.3f})" if forced_first is not None else ""), flush=True)
         annotated: list[Example] = []
         unlabeled = sorted(t.id for t in ls.tasks.list(project=project, fields="task_only"))
         base = resolve_base(settings)
@@ -142,28 +178,34 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
                 unlabeled.remove(picked)
                 task = ls.tasks.get(id=picked)
                 clip = truth[Path(task.data["source_file"]).name]
-                labelstudio.submit_transcript(ls, task, clip.text)
+                labelstudio.submit_transcript(ls, task, clip.text, clip.language)
                 annotated.append(Example(task.id, load(clip.path), clip.text, clip.language))
                 chosen.append(clip)
-            args_ = LoraArguments.from_settings(settings)
+            args_ = LoraArguments.from_settings(settings, seed=seed)
             result = train_lora(base.path, annotated, args_, work / f"{round_}", progress=False)
-            candidate = replace(base, version=f"{base.version}-bench-{strategy}-{round_}",
+            candidate = replace(base, version=f"{base.version}-bench-{strategy}-{seed}-{round_}",
                                 adapter=str(result.adapter_dir), base_version=base.version)
             engine = WhisperEngine(settings, resolved=candidate)
-            error = evaluate(engine, heldout_examples).error_rate
-            promoted = error <= live_error - settings.promote_min_gain  # the product's WER gate
-            curve.candidates.append(error)
+            report = evaluate(engine, heldout_examples)
+            decision = gate.decide(gate.compare(live_report.counts(), report.counts(), settings.promote_confidence),
+                                   settings)  # the product's gate (its general-speech check is left out here)
+            promoted = decision.outcome == gate.PROMOTE
+            curve.candidates.append(report.error_rate)
+            curve.decisions.append(decision.outcome)
             if promoted:
-                live_error = error
+                live_report, live_error, live_engine = report, report.error_rate, engine
             curve.points.append((len(annotated), live_error))
             vocab_share = sum(c.path.name.startswith("domain_") for c in chosen)
-            print(f"  {strategy:8s} round {round_}: {len(annotated):4d} corrections, candidate {error:.3f} "
-                  f"{'promoted' if promoted else 'rejected'}, live {live_error:.3f} ({vocab_share}/{len(chosen)} "
+            print(f"  {strategy:8s} seed {seed} round {round_}: {len(annotated):4d} corrections, candidate "
+                  f"{report.error_rate:.3f} {decision.outcome}, live {live_error:.3f} ({vocab_share}/{len(chosen)} "
                   f"picks had invented names; {result.steps} steps {result.seconds:.0f} s)", flush=True)
             if promoted and strategy == "entropy" and round_ < args.rounds:  # re-scored after a promotion only
                 labelstudio.predict_project(ls, settings, project, engine, only_unlabeled=True, progress=False)
             del engine
             gc.collect()
+        if forced is not None and forced_first is not None:
+            final = evaluate(live_engine or base_engine, heldout_examples, forced).error_rate
+            curve.forced = (forced_first, final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if not args.keep:
@@ -172,17 +214,45 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
     return curve
 
 
+def mean_interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and 95 % interval (t distribution over seeds; the mean alone for one seed)."""
+    from scipy import stats
+
+    arr = np.array(values, dtype=float)
+    mean = float(arr.mean())
+    if arr.size < 2:
+        return mean, mean, mean
+    half = float(stats.t.ppf(0.975, arr.size - 1) * arr.std(ddof=1) / np.sqrt(arr.size))
+    return mean, mean - half, mean + half
+
+
+def mean_curve(curves: list[Curve]) -> Curve:
+    """Seeds averaged point by point (every seed has the same rounds and k)."""
+    rounds = min(len(c.points) for c in curves)
+    points = [(curves[0].points[i][0], float(np.mean([c.points[i][1] for c in curves]))) for i in range(rounds)]
+    return Curve(curves[0].strategy, points)
+
+
 def plot(curves: list[Curve], path: Path) -> None:
+    """Mean live curve per strategy with its 95 % band over seeds; candidates' means dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for c in curves:
-        line, = ax.plot([n for n, _ in c.points], [e for _, e in c.points], marker="o", label=f"{c.strategy} (live)")
-        ax.plot([n for n, _ in c.points[1:]], c.candidates, linestyle="--", marker="x", alpha=0.6,
-                color=line.get_color(), label=f"{c.strategy} (candidate)")
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for strategy in dict.fromkeys(c.strategy for c in curves):
+        runs = [c for c in curves if c.strategy == strategy]
+        rounds = min(len(c.points) for c in runs)
+        xs = [runs[0].points[i][0] for i in range(rounds)]
+        stats = [mean_interval([c.points[i][1] for c in runs]) for i in range(rounds)]
+        line, = ax.plot(xs, [m for m, _, _ in stats], marker="o", label=f"{strategy} (live, {len(runs)} seeds)")
+        if len(runs) > 1:
+            ax.fill_between(xs, [lo for _, lo, _ in stats], [hi for _, _, hi in stats], color=line.get_color(),
+                            alpha=0.15)
+        cands = [float(np.mean([c.candidates[i] for c in runs])) for i in range(rounds - 1)]
+        ax.plot(xs[1:], cands, linestyle="--", marker="x", alpha=0.6, color=line.get_color(),
+                label=f"{strategy} (candidate)")
     ax.set_xlabel("corrections")
     ax.set_ylabel("held-out error rate (WER)")
     ax.set_title("Loopscribe: held-out error vs corrections")
@@ -200,44 +270,62 @@ def bench_loop(args: argparse.Namespace, settings: Settings) -> int:
     from .. import labelstudio, stack
 
     ls = labelstudio.client(settings)
-    pool, heldout = loop_pool(settings.home / "cache" / "loop", args.pool_domain, args.heldout_domain)
-    heldout_examples = [Example(-(i + 1), load(c.path), c.text, c.language) for i, c in enumerate(heldout)]
-    print(f"pool {len(pool)} clips ({args.pool_domain} with invented names), held-out {len(heldout)} clips; "
-          f"{args.rounds} rounds of k={args.k}; LoRA r={settings.lora_r} lr={settings.train_learning_rate} "
-          f"epochs={settings.train_epochs}", flush=True)
     base_engine = WhisperEngine(settings, install_missing=True)
     media = stack.StackPaths(settings.home).media
-    curves = [run_strategy(s, args, settings, ls, base_engine, pool, heldout_examples, media)
-              for s in args.strategy or STRATEGIES]
+    seeds = list(range(args.seed, args.seed + (args.seeds or (3 if args.corpus else 1))))
+    if args.corpus and args.force_language is None:
+        from .corpus import load_corpus
 
-    print(f"\nheld-out error of the live model (candidate's own in brackets)\n{'corrections':>11s} "
-          + " ".join(f"{c.strategy:>17s}" for c in curves))
-    for i in range(max(len(c.points) for c in curves)):
-        n = curves[0].points[i][0] if i < len(curves[0].points) else ""
+        languages = {lang for _, _, lang in load_corpus(args.corpus)[0]}
+        args.force_language = languages.pop() if len(languages) == 1 else None
+    curves: list[Curve] = []
+    for seed in seeds:
+        if args.corpus:
+            pool, heldout = corpus_split(args.corpus, seed, args.pool, args.heldout)
+            source = f"{args.corpus.name}: speaker-disjoint"
+        else:
+            pool, heldout = loop_pool(settings.home / "cache" / "loop", args.pool_domain, args.heldout_domain)
+            source = f"synthetic, {args.pool_domain} pool clips with invented names"
+        heldout_examples = [Example(-(i + 1), load(c.path), c.text, c.language) for i, c in enumerate(heldout)]
+        print(f"seed {seed}: pool {len(pool)} clips, held-out {len(heldout)} clips ({source}); {args.rounds} rounds "
+              f"of k={args.k}; LoRA r={settings.lora_r} lr={settings.train_learning_rate} "
+              f"epochs={settings.train_epochs} encoder={settings.lora_encoder}", flush=True)
+        curves += [run_strategy(s, args, settings, ls, base_engine, pool, heldout_examples, media, seed)
+                   for s in args.strategy or STRATEGIES]
+
+    strategies = list(dict.fromkeys(c.strategy for c in curves))
+    means = {s: mean_curve([c for c in curves if c.strategy == s]) for s in strategies}
+    print(f"\nheld-out error of the live model: mean over {len(seeds)} seed(s) [95 % interval]\n"
+          f"{'corrections':>11s} " + " ".join(f"{s:>24s}" for s in strategies))
+    rounds = min(len(c.points) for c in curves)
+    for i in range(rounds):
         cells = []
-        for c in curves:
-            if i >= len(c.points):
-                cells.append(f"{'':17s}")
-            else:
-                own = f"({c.candidates[i - 1]:.3f})" if i else ""
-                cells.append(f"{c.points[i][1]:9.3f} {own:>7s}")
-        print(f"{n:>11} " + " ".join(cells))
-    summary: dict = {"curves": [asdict(c) for c in curves]}
-    by_name = {c.strategy: c for c in curves}
-    if {"entropy", "random"} <= by_name.keys():
-        ent, rnd = by_name["entropy"], by_name["random"]
-        base_error, random_final = rnd.points[0][1], rnd.points[-1][1]
+        for s in strategies:
+            m, lo, hi = mean_interval([c.points[i][1] for c in curves if c.strategy == s])
+            cells.append(f"{m:7.3f} [{lo:.3f}, {hi:.3f}]")
+        print(f"{curves[0].points[i][0]:>11} " + " ".join(f"{c:>24s}" for c in cells))
+    summary: dict = {"seeds": seeds, "corpus": str(args.corpus) if args.corpus else None,
+                     "curves": [asdict(c) for c in curves], "mean": {s: asdict(c) for s, c in means.items()}}
+    if {"entropy", "random"} <= means.keys():
+        ent, rnd = means["entropy"], means["random"]
+        random_final, used = rnd.points[-1][1], rnd.points[-1][0]
         needed = ent.corrections_to_reach(random_final)
-        used = rnd.points[-1][0]
         summary |= {"random_final_error": random_final, "entropy_corrections_to_match": needed,
                     "random_corrections": used}
-        print(f"\nrandom reaches {random_final:.3f} after {used} corrections; entropy reaches it after "
-              + (f"{needed:.0f} ({needed / used:.0%} of random's)" if needed is not None else "— (not reached)"))
-        for c in (ent, rnd):
-            final = c.points[-1][1]
-            rel = (base_error - final) / base_error if base_error else float("nan")
-            print(f"{c.strategy}: held-out error {base_error:.3f} → {final:.3f} ({rel:.0%} relative) after "
-                  f"{c.points[-1][0]} corrections, {c.seconds / 60:.1f} min")
+        print(f"\nlabel saving: random's mean reaches {random_final:.3f} after {used} corrections; entropy's mean "
+              + (f"after {needed:.0f} ({needed / used:.0%} of random's)" if needed is not None else "does not"))
+    for s in strategies:
+        runs = [c for c in curves if c.strategy == s]
+        drops = [(c.points[0][1] - c.points[-1][1]) / c.points[0][1] for c in runs if c.points[0][1]]
+        m, lo, hi = mean_interval(drops)
+        line = f"{s}: relative drop as served {m:.1%} [{lo:.1%}, {hi:.1%}]"
+        forced = [(c.forced[0] - c.forced[1]) / c.forced[0] for c in runs if c.forced and c.forced[0]]
+        if forced:
+            fm, flo, fhi = mean_interval(forced)
+            line += f"; with the language forced ({args.force_language}) {fm:.1%} [{flo:.1%}, {fhi:.1%}]"
+            summary.setdefault("forced_relative_drop", {})[s] = [fm, flo, fhi]
+        summary.setdefault("relative_drop", {})[s] = [m, lo, hi]
+        print(line + f"; {sum(c.seconds for c in runs) / 60:.1f} min")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(curves, out / "loop.png")
