@@ -6,6 +6,8 @@ import json
 import math
 from types import SimpleNamespace
 
+import pytest
+
 from loopscribe.bench.loop import Curve
 from loopscribe.bench.uncertainty import score_signals
 
@@ -87,3 +89,32 @@ def test_the_reserved_test_split_is_never_written(tmp_path):
 
     with pytest.raises(SystemExit, match="reserved"):
         prepare_speechocean762(tmp_path, tmp_path / "out", split="test")
+
+
+def test_corpus_prompts_become_what_an_annotator_would_type():
+    from loopscribe.bench.corpus import sentence_case
+
+    assert sentence_case("WE CALL IT BEAR") == "We call it bear"
+    assert sentence_case("I'M SURE I CAN") == "I'm sure I can"
+
+
+def test_summary_of_several_seeds(capsys):
+    from loopscribe.bench.loop import Curve, summarize
+
+    def run(strategy, seed, live, cands, decisions, forced):
+        return Curve(strategy, [(8 * i, e) for i, e in enumerate(live)], cands, seed=seed, decisions=decisions,
+                     forced=forced)
+
+    curves = [run("entropy", 0, [0.5, 0.4, 0.3], [0.4, 0.3], ["promoted"] * 2, (0.45, 0.3)),
+              run("random", 0, [0.5, 0.5, 0.45], [0.55, 0.45], ["rejected", "promoted"], (0.45, 0.42)),
+              run("entropy", 1, [0.4, 0.35, 0.3], [0.35, 0.3], ["promoted"] * 2, (0.4, 0.3)),
+              run("random", 1, [0.4, 0.4, 0.35], [0.42, 0.35], ["inconclusive", "promoted"], (0.4, 0.36))]
+    summary = summarize(curves, [0, 1], None, "en")
+    out = capsys.readouterr().out
+    assert summary["random_final_error"] == 0.4  # entropy crosses 0.4 between 0 (0.45) and 8 (0.375):
+    assert summary["entropy_corrections_to_match"] == pytest.approx(16 / 3)
+    assert "entropy: 4 promoted, 0 inconclusive, 0 rejected" in out and "1 inconclusive" in out
+    assert summary["forced_relative_drop"]["entropy"][0] > summary["forced_relative_drop"]["random"][0]
+    flat = [run(s, 0, [0.4, 0.4], [0.5], ["rejected"], None) for s in ("entropy", "random")]
+    assert summarize(flat, [0], None, None)["entropy_corrections_to_match"] is None
+    assert "not measurable" in capsys.readouterr().out

@@ -7,7 +7,7 @@ independent evaluation and are never written by this command.
 
 Folder format (what ``bench loop --corpus DIR`` reads)::
 
-    transcripts.json   {"000010011.wav": {"text": "WE CALL IT BEAR", "language": "en"}, ...}
+    transcripts.json   {"000010011.wav": {"text": "We call it bear", "language": "en"}, ...}
     speakers.json      {"000010011.wav": "0001", ...}          (optional: speaker-disjoint splits)
     *.wav
 """
@@ -39,6 +39,18 @@ def _kaldi_list(repo: Path, path: str) -> dict[str, str]:
     return rows
 
 
+def sentence_case(prompt: str) -> str:
+    """``WE CALL IT BEAR`` → ``We call it bear``: what an annotator correcting Whisper would type.
+
+    The corpus's prompts are all capitals; scoring ignores case, but training on capitals teaches the
+    decoder another tokenization of every word, which no real annotation would.
+    """
+    words = prompt.lower().split()
+    words = ["I" if w == "i" else "I'" + w[2:] if w.startswith("i'") else w for w in words]
+    text = " ".join(words)
+    return text[:1].upper() + text[1:]
+
+
 def prepare_speechocean762(repo: Path, out: Path, split: str = "train") -> int:
     """Write ``split`` of speechocean762 as a corpus folder; returns the number of utterances."""
     if split in RESERVED_SPLITS:
@@ -60,7 +72,7 @@ def prepare_speechocean762(repo: Path, out: Path, split: str = "train") -> int:
                     (out / f"{utt}.wav").write_bytes(data.read())
                     written[utt] = True
     (out / "transcripts.json").write_text(json.dumps(
-        {f"{u}.wav": {"text": texts[u], "language": "en"} for u in sorted(written)}, indent=1))
+        {f"{u}.wav": {"text": sentence_case(texts[u]), "language": "en"} for u in sorted(written)}, indent=1))
     (out / "speakers.json").write_text(json.dumps({f"{u}.wav": speakers.get(u, "") for u in sorted(written)},
                                                   indent=1))
     return len(written)

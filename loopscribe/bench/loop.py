@@ -196,9 +196,10 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
                 live_report, live_error, live_engine = report, report.error_rate, engine
             curve.points.append((len(annotated), live_error))
             vocab_share = sum(c.path.name.startswith("domain_") for c in chosen)
+            picks = "" if args.corpus else f"{vocab_share}/{len(chosen)} picks had invented names; "
             print(f"  {strategy:8s} seed {seed} round {round_}: {len(annotated):4d} corrections, candidate "
-                  f"{report.error_rate:.3f} {decision.outcome}, live {live_error:.3f} ({vocab_share}/{len(chosen)} "
-                  f"picks had invented names; {result.steps} steps {result.seconds:.0f} s)", flush=True)
+                  f"{report.error_rate:.3f} {decision.outcome}, live {live_error:.3f} ({picks}"
+                  f"{result.steps} steps {result.seconds:.0f} s)", flush=True)
             if promoted and strategy == "entropy" and round_ < args.rounds:  # re-scored after a promotion only
                 labelstudio.predict_project(ls, settings, project, engine, only_unlabeled=True, progress=False)
             del engine
@@ -263,6 +264,60 @@ def plot(curves: list[Curve], path: Path) -> None:
     plt.close(fig)
 
 
+def summarize(curves: list[Curve], seeds: list[int], corpus: Path | None, force_language: str | None) -> dict:
+    """Print the table (mean and 95 % interval per round), the gate's outcomes, the label saving and the
+    relative drops; return them for ``loop.json``."""
+    strategies = list(dict.fromkeys(c.strategy for c in curves))
+    means = {s: mean_curve([c for c in curves if c.strategy == s]) for s in strategies}
+    print(f"\nheld-out error: mean over {len(seeds)} seed(s) [95 % interval]; live model (behind the gate), "
+          f"then each round's candidate\n{'corrections':>11s} "
+          + " ".join(f"{s + ' live':>24s} {s + ' candidate':>24s}" for s in strategies))
+    rounds = min(len(c.points) for c in curves)
+    for i in range(rounds):
+        cells = []
+        for s in strategies:
+            runs = [c for c in curves if c.strategy == s]
+            m, lo, hi = mean_interval([c.points[i][1] for c in runs])
+            cells.append(f"{m:7.3f} [{lo:.3f}, {hi:.3f}]")
+            if i:
+                m, lo, hi = mean_interval([c.candidates[i - 1] for c in runs])
+                cells.append(f"{m:7.3f} [{lo:.3f}, {hi:.3f}]")
+            else:
+                cells.append("")
+        print(f"{curves[0].points[i][0]:>11} " + " ".join(f"{c:>24s}" for c in cells))
+    outcomes = {s: [d for c in curves if c.strategy == s for d in c.decisions] for s in strategies}
+    print("gate outcomes: " + "; ".join(f"{s}: " + ", ".join(f"{outcomes[s].count(o)} {o}" for o in
+                                                             ("promoted", "inconclusive", "rejected"))
+                                        for s in strategies))
+    summary: dict = {"seeds": seeds, "corpus": str(corpus) if corpus else None,
+                     "curves": [asdict(c) for c in curves], "mean": {s: asdict(c) for s, c in means.items()}}
+    if {"entropy", "random"} <= means.keys():
+        ent, rnd = means["entropy"], means["random"]
+        random_final, used = rnd.points[-1][1], rnd.points[-1][0]
+        needed = ent.corrections_to_reach(random_final)
+        summary |= {"random_final_error": random_final, "entropy_corrections_to_match": needed,
+                    "random_corrections": used}
+        if random_final >= rnd.points[0][1]:
+            print(f"\nlabel saving: not measurable: random's live model never improved on {random_final:.3f}")
+            summary["entropy_corrections_to_match"] = None
+        else:
+            print(f"\nlabel saving: random's mean reaches {random_final:.3f} after {used} corrections; entropy's "
+                  + (f"after {needed:.0f} ({needed / used:.0%} of random's)" if needed is not None else "does not"))
+    for s in strategies:
+        runs = [c for c in curves if c.strategy == s]
+        drops = [(c.points[0][1] - c.points[-1][1]) / c.points[0][1] for c in runs if c.points[0][1]]
+        m, lo, hi = mean_interval(drops)
+        line = f"{s}: relative drop as served {m:.1%} [{lo:.1%}, {hi:.1%}]"
+        forced = [(c.forced[0] - c.forced[1]) / c.forced[0] for c in runs if c.forced and c.forced[0]]
+        if forced:
+            fm, flo, fhi = mean_interval(forced)
+            line += f"; with the language forced ({force_language}) {fm:.1%} [{flo:.1%}, {fhi:.1%}]"
+            summary.setdefault("forced_relative_drop", {})[s] = [fm, flo, fhi]
+        summary.setdefault("relative_drop", {})[s] = [m, lo, hi]
+        print(line + f"; {sum(c.seconds for c in runs) / 60:.1f} min")
+    return summary
+
+
 def bench_loop(args: argparse.Namespace, settings: Settings) -> int:
     from ml_backend.engine import WhisperEngine
     from training.dataset import Example
@@ -293,39 +348,7 @@ def bench_loop(args: argparse.Namespace, settings: Settings) -> int:
         curves += [run_strategy(s, args, settings, ls, base_engine, pool, heldout_examples, media, seed)
                    for s in args.strategy or STRATEGIES]
 
-    strategies = list(dict.fromkeys(c.strategy for c in curves))
-    means = {s: mean_curve([c for c in curves if c.strategy == s]) for s in strategies}
-    print(f"\nheld-out error of the live model: mean over {len(seeds)} seed(s) [95 % interval]\n"
-          f"{'corrections':>11s} " + " ".join(f"{s:>24s}" for s in strategies))
-    rounds = min(len(c.points) for c in curves)
-    for i in range(rounds):
-        cells = []
-        for s in strategies:
-            m, lo, hi = mean_interval([c.points[i][1] for c in curves if c.strategy == s])
-            cells.append(f"{m:7.3f} [{lo:.3f}, {hi:.3f}]")
-        print(f"{curves[0].points[i][0]:>11} " + " ".join(f"{c:>24s}" for c in cells))
-    summary: dict = {"seeds": seeds, "corpus": str(args.corpus) if args.corpus else None,
-                     "curves": [asdict(c) for c in curves], "mean": {s: asdict(c) for s, c in means.items()}}
-    if {"entropy", "random"} <= means.keys():
-        ent, rnd = means["entropy"], means["random"]
-        random_final, used = rnd.points[-1][1], rnd.points[-1][0]
-        needed = ent.corrections_to_reach(random_final)
-        summary |= {"random_final_error": random_final, "entropy_corrections_to_match": needed,
-                    "random_corrections": used}
-        print(f"\nlabel saving: random's mean reaches {random_final:.3f} after {used} corrections; entropy's mean "
-              + (f"after {needed:.0f} ({needed / used:.0%} of random's)" if needed is not None else "does not"))
-    for s in strategies:
-        runs = [c for c in curves if c.strategy == s]
-        drops = [(c.points[0][1] - c.points[-1][1]) / c.points[0][1] for c in runs if c.points[0][1]]
-        m, lo, hi = mean_interval(drops)
-        line = f"{s}: relative drop as served {m:.1%} [{lo:.1%}, {hi:.1%}]"
-        forced = [(c.forced[0] - c.forced[1]) / c.forced[0] for c in runs if c.forced and c.forced[0]]
-        if forced:
-            fm, flo, fhi = mean_interval(forced)
-            line += f"; with the language forced ({args.force_language}) {fm:.1%} [{flo:.1%}, {fhi:.1%}]"
-            summary.setdefault("forced_relative_drop", {})[s] = [fm, flo, fhi]
-        summary.setdefault("relative_drop", {})[s] = [m, lo, hi]
-        print(line + f"; {sum(c.seconds for c in runs) / 60:.1f} min")
+    summary = summarize(curves, seeds, args.corpus, args.force_language)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(curves, out / "loop.png")
