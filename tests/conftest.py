@@ -6,6 +6,7 @@ import json
 import socket
 from contextlib import contextmanager
 from dataclasses import replace
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,20 @@ def espeak_dir(tmp_path_factory) -> Path:
     if not have_espeak():
         pytest.fail("espeak-ng is not installed; ./scripts/test installs it")
     return tmp_path_factory.mktemp("espeak")
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """Base for the loopback stand-ins tests serve (Label Studio's media routes, other hosts): no request log,
+    and one way to answer with a body."""
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, code: int, body: bytes):
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
 
 def free_port() -> int:

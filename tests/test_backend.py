@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import QuietHandler
 
 from ml_backend.app import WEBHOOK_SECRET_HEADER, create_app
 
@@ -24,11 +25,8 @@ PAT = "header.payload.signature"
 ACCESS = "short-lived-access"
 
 
-class MediaServer(BaseHTTPRequestHandler):
+class MediaServer(QuietHandler):
     files: dict[str, bytes] = {}
-
-    def log_message(self, *args):  # quiet
-        pass
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -49,12 +47,6 @@ class MediaServer(BaseHTTPRequestHandler):
             return None
         data = self.files.get(self.path)
         return self._send(200, data) if data is not None else self._send(404, b"not found")
-
-    def _send(self, code: int, body: bytes):
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
 
 @pytest.fixture(scope="module")

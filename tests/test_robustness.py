@@ -24,13 +24,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 import soundfile as sf
+from conftest import QuietHandler
 
 from ml_backend.app import WEBHOOK_SECRET_HEADER, create_app
 from ml_backend.audio import AudioDecodeError, decode_audio
@@ -50,16 +51,13 @@ def wav_bytes(samples: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-class StandIn(BaseHTTPRequestHandler):
+class StandIn(QuietHandler):
     """Label Studio's media and project routes as the backend uses them; records every path asked for."""
 
     files: dict[str, bytes] = {}
     redirects: dict[str, str] = {}
     seen: list[str] = []
     hold = threading.Event()  # /data/upload/1/slow.wav waits for it
-
-    def log_message(self, *args):
-        pass
 
     def do_GET(self):
         StandIn.seen.append(self.path)
@@ -79,18 +77,9 @@ class StandIn(BaseHTTPRequestHandler):
         data = self.files.get(self.path)
         return self._send(200, data) if data is not None else self._send(404, b"not found")
 
-    def _send(self, code: int, body: bytes):
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
-
-class OtherHost(BaseHTTPRequestHandler):
+class OtherHost(QuietHandler):
     """An allowed audio host (no Label Studio token may ever reach it)."""
-
-    def log_message(self, *args):
-        pass
 
     def do_GET(self):
         body = StandIn.files["/data/upload/1/comfy.wav"]
