@@ -154,11 +154,15 @@ def running_pid(paths: StackPaths, name: str) -> int | None:
     return pid if process_alive(pid) else None
 
 
+def _tail(log: Path, chars: int = 3000) -> str:
+    return log.read_text(errors="replace")[-chars:] if log.exists() else ""
+
+
 def wait_healthy(url: str, timeout: float, pid: int | None = None, log: Path | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pid is not None and not process_alive(pid):
-            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+            tail = _tail(log) if log else ""
             raise EnvironmentProblem(f"process for {url} exited during start-up; log tail:\n{tail}")
         try:
             if requests.get(url, timeout=2).status_code == 200:
@@ -220,10 +224,6 @@ def start_backend(values: dict[str, str], settings: Settings, paths: StackPaths,
             raise EnvironmentProblem(f"nginx exited during start-up; log tail:\n{_tail(paths.log_file('proxy'))}")
     wait_healthy(f"{url}/health", timeout, pid, paths.log_file("ml-backend"))
     return pid
-
-
-def _tail(log: Path, chars: int = 3000) -> str:
-    return log.read_text(errors="replace")[-chars:] if log.exists() else ""
 
 
 def start_worker(values: dict[str, str], settings: Settings, paths: StackPaths) -> int:
