@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 import requests
 
-from ml_backend.errors import LoopscribeError
+from ml_backend.errors import ConfigurationError, LoopscribeError
 from ml_backend.ledger import Ledger
 from ml_backend.live import live_model
 from ml_backend.model_store import resolve_base
@@ -116,7 +116,7 @@ def _import_and_predict(ls, settings: Settings, project: int, paths: list[Path],
           f"({report.duplicates} duplicate clips skipped, {len(report.failed)} files failed)", file=sys.stderr)
     for path, reason in report.failed.items():
         print(f"  failed: {path}: {reason}", file=sys.stderr)
-    engine = WhisperEngine(settings, install_missing=True)
+    engine = WhisperEngine(settings, install_missing=True, project=project)
     result = labelstudio.predict_project(ls, settings, project, engine, progress=not quiet)
     print(f"pre-annotated {result.predicted} tasks with {engine.model_version} "
           f"({result.skipped} already had it, {len(result.failed)} failed)", file=sys.stderr)
@@ -171,15 +171,18 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from . import jobs, labelstudio, stack
 
     paths = stack.StackPaths(settings.home)
+    registry, base = Registry(settings.home), resolve_base(settings)
+    default = live_model(settings)
     status: dict = {
         "label_studio_url": settings.label_studio_url,
         "backend_url": settings.backend_url,
-        "live_model_version": live_model(settings).version,
+        "live_model_version": default.version,  # what serves projects without a lineage of their own
+        "live_model_scope": default.scope,
         "processes": {n: stack.running_pid(paths, n) for n in stack.SERVICES},
         "queue": jobs.queue_status(settings),
         "projects": [],
     }
-    live = Registry(settings.home).live(resolve_base(settings).version)
+    live = registry.live(base.version)
     status["live_model_heldout_error"] = live.error_after if live else None
     try:
         status["projects"] = _project_report(labelstudio.client(settings), settings)
@@ -190,30 +193,60 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     status["projects"] += [{"id": pid, "title": "", "tasks": None, "model_version": ""}
                            for pid in ledger.projects() if pid not in known]
     for p in status["projects"]:
+        serving = live_model(settings, p["id"])
+        p["serving"] = {"version": serving.version, "lineage": serving.scope}
         p["training"] = _training_report(ledger, settings, p["id"])
     if args.json:
         print(json.dumps(status, indent=None))
         return 0
-    for key in ("label_studio_url", "backend_url", "live_model_version", "live_model_heldout_error", "queue"):
-        print(f"{key:25s} {status[key]}")
+    _print_status(status)
+    return 0
+
+
+def _print_status(status: dict) -> None:
+    """The status as tables: the stack, then one row per project, then running and recent jobs."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=max(140, Console().width), highlight=False)
+    stack_ = Table(show_header=False, box=None, pad_edge=False)
+    stack_.add_column(style="bold")
+    stack_.add_column()
+    stack_.add_row("Label Studio", status["label_studio_url"])
+    stack_.add_row("ML backend", status["backend_url"])
+    error = status["live_model_heldout_error"]
+    stack_.add_row("default model", f"{status['live_model_version']} ({status['live_model_scope']})"
+                   + (f", held-out error {error:.3f}" if error is not None else ""))
+    queue = status["queue"]
+    stack_.add_row("job queue", f"{queue['backend']}: {queue['pending']} pending, {queue['scheduled']} scheduled")
     for name, pid in status["processes"].items():
-        print(f"{name:25s} {f'running (pid {pid})' if pid else 'stopped'}")
+        stack_.add_row(name, f"running (pid {pid})" if pid else "stopped")
+    console.print(stack_)
+    projects = Table(title="projects", title_justify="left")
+    for column in ("id", "title", "tasks", "served by", "lineage", "corrections / threshold", "ledger", "job"):
+        projects.add_column(column, justify="right" if column in ("id", "tasks") else "left", overflow="fold")
+    jobs_ = Table(title="recent training jobs", title_justify="left")
+    for column in ("job", "project", "state", "trigger", "outcome"):
+        jobs_.add_column(column, justify="right" if column in ("job", "project") else "left", overflow="fold")
     for p in status["projects"]:
         t = p["training"]
-        print(f"project {p['id']:<4d} {p['title'][:40]:40s} {p['tasks'] or 0:6d} tasks  {p['model_version']}")
-        print(f"    corrections since last training {t['corrections_since_training']} / {t['threshold']}"
-              f"  (ledger: {t['ledger']})")
+        ledger = ", ".join(f"{n} {k}" for k, n in sorted(t["ledger"].items())) or "none yet"
+        running = ""
         if t["running"]:
             r = t["running"]
-            eta = f", ETA {r['eta_s']:.0f} s" if r.get("eta_s") else ""
-            loss = f", loss {r['loss']:.3f}" if r.get("loss") is not None else ""
-            print(f"    job {r['id']} {r['state']}: {r['stage'] or ''} step {r['step'] or 0}/{r['total_steps'] or '?'}"
-                  f"{loss}{eta}")
+            running = f"{r['id']} {r['state']}: {r['stage'] or ''} step {r['step'] or 0}/{r['total_steps'] or '?'}"
+            running += f", loss {r['loss']:.3f}" if r.get("loss") is not None else ""
+            running += f", ETA {r['eta_s']:.0f} s" if r.get("eta_s") else ""
+        threshold = t["threshold"] if t["threshold"] > 0 else "off"
+        projects.add_row(str(p["id"]), p["title"][:40], str(p["tasks"] or 0), p["serving"]["version"],
+                         p["serving"]["lineage"], f"{t['corrections_since_training']} / {threshold}", ledger, running)
         for j in t["recent_jobs"]:
-            print(f"    job {j['id']} {j['state']:9s} {j['trigger']:12s} {j['reason'] or ''}"[:160])
+            jobs_.add_row(str(j["id"]), str(p["id"]), j["state"], j["trigger"], (j["reason"] or "")[:200])
+    console.print(projects)
+    if jobs_.row_count:
+        console.print(jobs_)
     if "label_studio_error" in status:
-        print(f"label studio: {status['label_studio_error']}")
-    return 0
+        console.print(f"Label Studio: {status['label_studio_error']}")
 
 
 def _training_report(ledger, settings: Settings, project: int) -> dict:
@@ -257,33 +290,66 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         time.sleep(2)
 
 
+def _lineage(args: argparse.Namespace) -> str | None:
+    """``--project N`` → ``project-N``, ``--scope global`` → ``global``, neither → None."""
+    from ml_backend.registry import scope_of
+
+    if getattr(args, "project", None) is not None:
+        return scope_of(args.project)
+    return getattr(args, "scope", None)
+
+
 def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
     from dataclasses import asdict
 
+    from rich.console import Console
+    from rich.table import Table
+
+    from ml_backend.registry import GLOBAL, project_of
+
     registry = Registry(settings.home)
     base = resolve_base(settings)
-    live = live_model(settings).registry_version
+    scope = _lineage(args)
     if args.models_command == "list":
-        print(f"{'version':46s} {'status':12s} {'parent':46s} {'train':>5s} {'held':>5s} {'before':>7s} "
-              f"{'after':>7s} {'gain lower bound':>16s}")
-        print(f"{base.version:46s} {'live' if live == base.version else 'base':12s} {'':46s}")
-        for v in registry.list():
+        live_in: dict[str, list[str]] = {}
+        for pointer in registry.pointers():
+            if pointer.get("base_version") == base.version:
+                live_in.setdefault(pointer["version"], []).append(pointer["scope"])
+        project = project_of(scope) if scope and scope != GLOBAL else None
+        table = Table(title=f"model versions over {base.version}" + (f", {scope}" if scope else ""),
+                      title_justify="left")
+        for column in ("version", "project", "status", "live in", "parent", "train", "held out", "before", "after",
+                       "gain lower bound"):
+            table.add_column(column, justify="right" if column in ("train", "held out", "before", "after") else "left",
+                             overflow="fold")
+        serving = live_model(settings, project)
+        table.add_row(base.version, "", "base", ", ".join(live_in.get(base.version, [])) or
+                      ("(default)" if serving.scope == "base" else ""), "", "", "", "", "", "")
+        fmt = lambda x: f"{x:.3f}" if x is not None else ""  # noqa: E731
+        for v in registry.list(project):
             if v.base_version != base.version:
                 continue
-            fmt = lambda x: f"{x:7.3f}" if x is not None else f"{'':7s}"  # noqa: E731
             comparison = (v.report.get("gate") or {}).get("comparison") or {}
             bound = f"{comparison['lower']:+.3f} ({comparison['confidence']:.0%})" if comparison else ""
-            print(f"{v.version:46s} {v.status:12s} {v.parent:46s} {v.train_size:5d} {v.heldout_size:5d} "
-                  f"{fmt(v.error_before)} {fmt(v.error_after)} {bound:>16s}")
+            table.add_row(v.version, "" if v.project is None else str(v.project), v.status,
+                          ", ".join(live_in.get(v.version, [])), v.parent, str(v.train_size), str(v.heldout_size),
+                          fmt(v.error_before), fmt(v.error_after), bound)
+        Console(width=max(160, Console().width)).print(table)
+        if project is not None:
+            print(f"project {project} is served by {serving.version} (from {serving.scope})")
     elif args.models_command == "show":
         print(json.dumps(asdict(registry.get(args.version)), indent=2, ensure_ascii=False))
     elif args.models_command == "promote":
-        previous = registry.promote(args.version, base.version)
-        print(f"live: {args.version} (was {previous}); serving picks it up within seconds. "
-              f"Re-score a project with `loopscribe predict --project N`.")
+        target = scope or registry.get(args.version).scope
+        previous = registry.promote(args.version, base.version, scope=target)
+        print(f"live in {target}: {args.version} (was {previous}); serving picks it up within seconds. "
+              f"Re-score with `loopscribe predict --project N`.")
     elif args.models_command == "rollback":
-        now = registry.rollback(base.version, to=args.to)
-        print(f"live: {now} (rolled back from {live}); re-score a project with `loopscribe predict --project N`.")
+        if scope is None:
+            raise ConfigurationError("say which lineage to roll back: --project N, or --scope global")
+        before = (registry.live_pointer(scope) or {}).get("version") or base.version
+        now = registry.rollback(base.version, to=args.to, scope=scope)
+        print(f"live in {scope}: {now} (rolled back from {before}); re-score with `loopscribe predict --project N`.")
     return 0
 
 
@@ -385,7 +451,7 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
         job = jobs.enqueue_prediction(settings, args.project, only_missing=not args.all)
         print(f"queued pre-annotation of project {args.project} as job {job.id} (the worker runs it)")
         return 0
-    engine = WhisperEngine(settings, install_missing=True)
+    engine = WhisperEngine(settings, install_missing=True, project=args.project)  # the project's own live model
     report = labelstudio.predict_project(labelstudio.client(settings), settings, args.project, engine,
                                          only_missing=not args.all, progress=not args.quiet)
     print(f"pre-annotated {report.predicted} tasks ({report.skipped} skipped, {len(report.failed)} failed, "
@@ -556,15 +622,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_export)
-    models = sub.add_parser("models", help="the model registry").add_subparsers(dest="models_command", required=True)
-    models.add_parser("list", help="versions with status, parent and held-out error").set_defaults(func=cmd_models)
+    models = sub.add_parser("models", help="the model registry: one lineage per project, plus an optional "
+                            "global default").add_subparsers(dest="models_command", required=True)
+
+    def lineage_options(p: argparse.ArgumentParser, what: str) -> None:
+        group = p.add_mutually_exclusive_group()
+        group.add_argument("--project", type=int, metavar="N", help=f"{what} project N's lineage")
+        group.add_argument("--scope", choices=("global",), help=f"{what} the global default (serves projects "
+                           "without a model of their own)")
+
+    p = models.add_parser("list", help="versions with project, status, where live, parent and held-out error")
+    lineage_options(p, "only")
+    p.set_defaults(func=cmd_models)
     p = models.add_parser("show", help="one version's metadata and evaluation report")
     p.add_argument("version")
     p.set_defaults(func=cmd_models)
-    p = models.add_parser("promote", help="make a version live (atomic; serving hot-swaps)")
+    p = models.add_parser("promote", help="make a version live (atomic; serving hot-swaps); by default in the "
+                          "lineage of the project it was trained for")
     p.add_argument("version")
+    lineage_options(p, "in")
     p.set_defaults(func=cmd_models)
-    p = models.add_parser("rollback", help="make the previous live version live again")
+    p = models.add_parser("rollback", help="make a lineage's previous live version live again")
+    lineage_options(p, "in")
     p.add_argument("--to", help="a specific version (or the base version) instead of the previous one")
     p.set_defaults(func=cmd_models)
     return parser

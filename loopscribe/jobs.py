@@ -51,13 +51,13 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _worker_engine(settings: Settings):
-    """One live engine per worker process, loaded on the first job and hot-swapped after promotions."""
+def _worker_engine(settings: Settings, project: int):
+    """``project``'s live model from the worker's one pool (loaded on first use, hot-swapped after promotions)."""
     global _live
     with _live_lock:
         if _live is None:
             _live = LiveEngine(settings)
-        return _live.get()
+    return _live.get(project)
 
 
 def run_prediction(project: int, only_missing: bool = True, only_unlabeled: bool = False) -> dict:
@@ -65,7 +65,8 @@ def run_prediction(project: int, only_missing: bool = True, only_unlabeled: bool
     from . import labelstudio
 
     settings = Settings.from_env()
-    report = labelstudio.predict_project(labelstudio.client(settings), settings, project, _worker_engine(settings),
+    report = labelstudio.predict_project(labelstudio.client(settings), settings, project,
+                                         _worker_engine(settings, project),
                                          only_missing=only_missing, only_unlabeled=only_unlabeled, progress=False)
     log.info("project %s: %s", project, report)
     return asdict(report)
@@ -86,13 +87,14 @@ def run_training_job(job_id: int) -> dict:
     log.info("training job %s for project %s (attempt %d, trigger %s)", job.id, job.project, job.attempts, job.trigger)
     try:
         ls = labelstudio.client(settings)
-        outcome = run_training(settings, ls, ledger, job.project, _worker_engine(settings), params=job.params,
+        outcome = run_training(settings, ls, ledger, job.project, _worker_engine(settings, job.project),
+                               params=job.params,
                                on_progress=lambda **f: ledger.jobs.progress(job.id, **f))
         reason = outcome.summary()
         if outcome.state == "promoted":
             ledger.jobs.progress(job.id, stage="re-scoring", version=outcome.version)
             try:
-                report = labelstudio.predict_project(ls, settings, job.project, _worker_engine(settings),
+                report = labelstudio.predict_project(ls, settings, job.project, _worker_engine(settings, job.project),
                                                      only_missing=True, only_unlabeled=True, progress=False)
                 reason += f"; re-scored {report.predicted} unlabeled tasks"
             except Exception as exc:  # the promotion stands; re-scoring can be re-run with `predict`

@@ -44,6 +44,7 @@ from .payloads import (
     WEBHOOK_SECRET_HEADER,
     PayloadError,
     PredictRequest,
+    PredictTask,
     SetupRequest,
     WebhookEvent,
     parse,
@@ -89,14 +90,9 @@ class PredictionService:
         self.fetcher = AudioFetcher(settings)
         self.live = LiveEngine(settings, engine)
 
-    @property
-    def engine(self) -> Transcriber:
-        return self.live.get()
-
-    @property
-    def model_version(self) -> str:
-        """The live version, answered without loading the model: Label Studio gives /setup 3 seconds."""
-        return self.live.version
+    def model_version(self, project: int | None = None) -> str:
+        """``project``'s live version, answered without loading the model: Label Studio gives /setup 3 seconds."""
+        return self.live.version(project)
 
     def warm_up(self) -> threading.Thread:
         """Load the model in the background so the first /predict does not pay for it; then keep
@@ -122,39 +118,59 @@ class PredictionService:
         thread.start()
         return thread
 
-    def predict(self, tasks: list[Any], label_config: str, metrics: Metrics | None = None) -> list[dict]:
-        """One result per task, in order. A malformed task, or one whose audio cannot be fetched or decoded,
-        gets an empty result and a log line. Tasks are decoded and transcribed ``WHISPER_BATCH_SIZE`` at a
-        time, so a request holds at most one chunk of decoded audio, never the whole batch."""
+    def predict(self, tasks: list[Any], label_config: str, metrics: Metrics | None = None,
+                project: int | None = None) -> list[dict]:
+        """One result per task, in order, each from the model live for the task's project (``project``
+        when a task does not say). A malformed task, or one whose audio cannot be fetched or decoded, gets an
+        empty result and a log line. Projects are never mixed in one batch, and tasks are decoded and
+        transcribed ``WHISPER_BATCH_SIZE`` at a time, so a request holds at most one chunk of decoded audio."""
         config = parse_label_config(label_config)
         options = TranscribeOptions.for_project(config.language_values)  # only the project's languages
-        version = self.model_version
-        results: list[dict] = [{"result": [], "score": 0.0, "model_version": version} for _ in tasks]
+        parsed = [self._parse(i, raw) for i, raw in enumerate(tasks)]
+        results: list[dict] = [{"result": [], "score": 0.0, "model_version": self.model_version(project)}
+                               for _ in tasks]
+        by_project: dict[int | None, list[int]] = {}
+        for i, task in enumerate(parsed):
+            if task is not None:
+                by_project.setdefault(task.project if task.project is not None else project, []).append(i)
+        if metrics:
+            metrics.tasks.labels("error").inc(len(tasks) - sum(map(len, by_project.values())))
         chunk = max(1, self.settings.batch_size)
-        for start in range(0, len(tasks), chunk):
-            indices = range(start, min(start + chunk, len(tasks)))
-            with ThreadPoolExecutor(FETCH_THREADS) as pool:
-                loaded = list(pool.map(lambda i: self._try_load(i, tasks[i], config.audio_key), indices))
-            good = [(i, clip_) for i, clip_ in zip(indices, loaded) if clip_ is not None]
-            transcripts = self.engine.transcribe([c for _, c in good], options) if good else []
-            for (i, _), t in zip(good, transcripts):
-                results[i] = to_prediction(t, config)
-            if metrics:
-                metrics.tasks.labels("ok").inc(len(good))
-                metrics.tasks.labels("error").inc(len(indices) - len(good))
-                metrics.audio_seconds.inc(sum(duration(c) for _, c in good))
+        for task_project, indices in by_project.items():
+            engine = self.live.get(task_project)
+            for i in indices:
+                results[i]["model_version"] = engine.model_version
+            for start in range(0, len(indices), chunk):
+                part = indices[start:start + chunk]
+                with ThreadPoolExecutor(FETCH_THREADS) as pool:
+                    loaded = list(pool.map(lambda i: self._try_load(parsed[i], config.audio_key), part))
+                good = [(i, clip_) for i, clip_ in zip(part, loaded) if clip_ is not None]
+                transcripts = engine.transcribe([c for _, c in good], options) if good else []
+                for (i, _), t in zip(good, transcripts):
+                    results[i] = to_prediction(t, config)
+                if metrics:
+                    metrics.tasks.labels("ok").inc(len(good))
+                    metrics.tasks.labels("error").inc(len(part) - len(good))
+                    metrics.audio_seconds.inc(sum(duration(c) for _, c in good))
         return results
 
-    def _try_load(self, index: int, raw: Any, key: str):
+    @staticmethod
+    def _parse(index: int, raw: Any) -> PredictTask | None:
         try:
-            task = parse_task(raw)
-            return load_task_audio(self.fetcher, task.id, task.data, key)
+            return parse_task(raw)
         except PayloadError as exc:
             log.warning("task #%d of the request: no prediction: %s", index, exc)
+            return None
+
+    def _try_load(self, task: PredictTask | None, key: str):
+        if task is None:
+            return None
+        try:
+            return load_task_audio(self.fetcher, task.id, task.data, key)
         except (AudioFetchError, AudioDecodeError) as exc:
-            log.warning("task %s: no prediction: %s", clip(raw.get("id")), exc)
+            log.warning("task %s: no prediction: %s", task.id, exc)
         except Exception:  # a defect on one task must not cost the others their predictions
-            log.exception("task %s: no prediction: unexpected error", clip(raw.get("id")))
+            log.exception("task %s: no prediction: unexpected error", task.id)
         return None
 
 
@@ -230,10 +246,10 @@ def create_app(settings: Settings | None = None, engine: Transcriber | None = No
             body = parse(SetupRequest, request.get_json(silent=True) or {}, "/setup")
             if body.schema_:
                 parse_label_config(body.schema_)
+            project = body.project_id
         except (PayloadError, LabelConfigError) as exc:
             return error(400, str(exc))
-        version = service.model_version
-        metrics.model.clear()
+        version = service.model_version(project)  # this project's lineage: its uncertainty sampling ranks by it
         metrics.model.labels(version).set(1)
         return jsonify(model_version=version)
 
@@ -250,13 +266,14 @@ def create_app(settings: Settings | None = None, engine: Transcriber | None = No
                               f"({settings.max_tasks_per_request}); use `loopscribe predict` for bulk work")
         try:
             parse_label_config(body.config_xml)
-        except LabelConfigError as exc:
+            project = body.project_id
+        except (LabelConfigError, PayloadError) as exc:
             return error(400, str(exc))
         if not predict_slots.acquire(blocking=False):
             return error(503, f"busy: {settings.max_concurrent_predicts} predictions in progress "
                               f"(MAX_CONCURRENT_PREDICTS); retry", **{"Retry-After": str(RETRY_AFTER_S)})
         try:
-            return jsonify(results=service.predict(body.tasks, body.config_xml, metrics))
+            return jsonify(results=service.predict(body.tasks, body.config_xml, metrics, project))
         finally:
             predict_slots.release()
 
@@ -296,12 +313,23 @@ def create_app(settings: Settings | None = None, engine: Transcriber | None = No
 
     @app.get("/versions")
     def versions():
-        from .registry import Registry
+        """``?project=N``: that project's live version first, then its lineage's earlier ones. Always also
+        ``projects``: which version serves which project (``global`` for the rest)."""
+        from .registry import GLOBAL, Registry, project_of
 
-        live = service.model_version
-        fine_tuned = [v.version for v in Registry(settings.home).list() if v.status in ("live", "retired")]
+        try:
+            project = int(request.args["project"]) if "project" in request.args else None
+        except ValueError:
+            return error(400, "project: expected an integer")
+        registry = Registry(settings.home)
+        live = service.model_version(project)
+        fine_tuned = [v.version for v in registry.list(project) if v.status in ("live", "retired")]
         served = [service.live.served_version(v) for v in reversed(fine_tuned)]
-        return jsonify(versions=[live] + [v for v in served if v != live])
+        lineages = {GLOBAL: service.model_version(None)}
+        for pointer in registry.pointers():
+            if pointer["scope"] != GLOBAL:
+                lineages[pointer["scope"]] = service.model_version(project_of(pointer["scope"]))
+        return jsonify(versions=[live] + [v for v in served if v != live], projects=lineages)
 
     @app.get("/metrics")
     def prometheus():

@@ -76,13 +76,14 @@ class WhisperEngine:
     """Whisper with uncertainty; thread-safe (one decode at a time, cache shared)."""
 
     def __init__(self, settings: Settings | None = None, model: str | None = None, *, install_missing: bool = False,
-                 resolved: ResolvedModel | None = None):
+                 resolved: ResolvedModel | None = None, project: int | None = None):
         """``model`` (a bundled name, a directory, a hub id) is served as is; without it (and without
-        ``resolved``) the engine serves the live model: ``WHISPER_MODEL`` plus the registry's live adapter."""
+        ``resolved``) the engine serves the model live for ``project``: ``WHISPER_MODEL`` plus the adapter
+        the registry chose for that project (the global one, or none, when ``project`` is None)."""
         self.settings = settings or Settings.from_env()
         if resolved is None:
             resolved = (resolve_base(self.settings, model, install_missing=install_missing) if model
-                        else live_model(self.settings, install_missing=install_missing).resolved)
+                        else live_model(self.settings, project, install_missing=install_missing).resolved)
         self.resolved: ResolvedModel = resolved
         self.device = pick_device(self.settings.device)
         self.dtype = pick_dtype(self.settings.dtype, self.device)

@@ -1,21 +1,26 @@
-"""Which model is live, decided here and nowhere else, and the engine that serves it without restarts.
+"""Which model is live for which project, decided here and nowhere else, and the engines that serve them.
 
-:func:`live_model` is the one answer to "what serves now": ``WHISPER_MODEL`` (resolved by
-:func:`~ml_backend.model_store.resolve_base`, which knows nothing of the registry), the registry's
-live adapter on top of it if one was promoted for that base, and the name predictions carry
-(``-int8`` when ``WHISPER_QUANTIZE`` applies). The backend, the worker, the CLI, the training
-pipeline and the benchmarks all ask it.
+:func:`live_model` is the one answer to "what serves project N now": ``WHISPER_MODEL`` (resolved by
+:func:`~ml_backend.model_store.resolve_base`, which knows nothing of the registry), the adapter the
+registry chose for that project (its own lineage, else the global one; see
+:meth:`~ml_backend.registry.Registry.choose`), and the name predictions carry (``-int8`` when
+``WHISPER_QUANTIZE`` applies). The backend, the worker, the CLI, the training pipeline and the
+benchmarks all ask it.
 
-Serving (the backend) and the worker both hold one :class:`LiveEngine`. Each use checks
-the registry's pointer (a small file read); when it names another version the new model
-is loaded next to the old one and swapped in under a lock, so requests in flight finish
-on the old model and no request ever sees a half-loaded one.
+Serving (the backend) and the worker each hold one :class:`LiveEngine`: a small pool of loaded
+models keyed by version, so projects that share a version share one model and a project's own
+fine-tuned model is loaded next to the others (at most ``LIVE_MODELS_MAX``, least recently used
+out first; `loopscribe bench adapters` measured why merged models and not one base with many
+peft adapters). Each use checks the registry's pointers (small file reads); when a project's
+pointer names another version, that version is loaded next to the old one and swapped in under a
+lock, so requests in flight finish on the old model and no request ever sees a half-loaded one.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -36,6 +41,7 @@ def served_version(version: str, quantized: bool) -> str:
 class LiveModel:
     resolved: ResolvedModel  # the base, with the live adapter when one is promoted
     quantized: bool
+    scope: str = "base"  # whose pointer chose it: project-N, global, or base
 
     @property
     def version(self) -> str:
@@ -52,75 +58,97 @@ class LiveModel:
         return self.resolved.root_version
 
 
-def live_model(settings: Settings, *, install_missing: bool = False) -> LiveModel:
-    """What serves now, without loading anything."""
+def live_model(settings: Settings, project: int | None = None, *, install_missing: bool = False) -> LiveModel:
+    """What serves ``project`` now (the global lineage or the base when None), without loading anything."""
     from .whisper import quantizes
 
     base = resolve_base(settings, install_missing=install_missing)
     registry = Registry(settings.home)
-    live = registry.live(base.version)
+    choice = registry.choose(base.version, project)
+    live = choice.version
     resolved = base if live is None else replace(base, version=live.version,
                                                   adapter=str(registry.adapter_path(live.version)),
                                                   base_version=base.version)
-    return LiveModel(resolved, quantizes(settings))
+    return LiveModel(resolved, quantizes(settings), choice.scope)
 
 
 class LiveEngine:
-    def __init__(self, settings: Settings, engine: Transcriber | None = None,
-                 factory: Callable[[Settings], Transcriber] | None = None):
-        self.settings = settings
-        self._engine = engine
-        self._pinned = engine is not None  # an engine handed in (tests) is served as is
-        self._factory = factory
-        self._swap_lock = threading.Lock()
+    """The engines serving every project, loaded on first use and hot-swapped after promotions."""
 
-    @property
-    def version(self) -> str:
-        """The version that is (or is about to be) served, without loading anything."""
-        if self._engine is not None and self._pinned:
-            return self._engine.model_version
-        return live_model(self.settings).version
+    def __init__(self, settings: Settings, engine: Transcriber | None = None,
+                 factory: Callable[[Settings, LiveModel], Transcriber] | None = None):
+        self.settings = settings
+        self._pinned = engine  # an engine handed in (tests) serves every project as is
+        self._factory = factory
+        self._engines: OrderedDict[str, Transcriber] = OrderedDict()  # by served version, most recent last
+        self._projects: OrderedDict[int | None, None] = OrderedDict()  # recently served, for watch()
+        self._swap_lock = threading.Lock()  # guards the two dicts; held for microseconds
+        self._load_lock = threading.Lock()  # one model loads at a time (memory), others keep serving
+
+    def version(self, project: int | None = None) -> str:
+        """The version that serves (or is about to serve) ``project``, without loading anything."""
+        if self._pinned is not None:
+            return self._pinned.model_version
+        return live_model(self.settings, project).version
 
     def served_version(self, version: str) -> str:
         """How predictions name registry version ``version`` when this engine serves it."""
-        if self._pinned:
-            return served_version(version, getattr(self._engine, "quantized", False))
+        if self._pinned is not None:
+            return served_version(version, getattr(self._pinned, "quantized", False))
         return served_version(version, live_model(self.settings).quantized)
 
-    def get(self) -> Transcriber:
-        """The engine for the live version, loading or swapping it first when needed."""
-        if self._engine is not None and self._pinned:
-            return self._engine
-        wanted = self.version
-        current = self._engine
-        if current is not None and current.model_version == wanted:
-            return current
-        with self._swap_lock:
-            engine = self._engine
-            if engine is None or engine.model_version != wanted:
-                previous = engine.model_version if engine is not None else None
-                engine = self._engine = self._load()
-                if previous:
-                    log.info("hot-swapped model %s → %s", previous, engine.model_version)
-            return engine
+    def loaded(self) -> list[str]:
+        """The versions in memory now, least recently used first."""
+        return list(self._engines)
 
-    def _load(self) -> Transcriber:
+    def get(self, project: int | None = None) -> Transcriber:
+        """The engine for ``project``'s live version, loading it first when needed."""
+        if self._pinned is not None:
+            return self._pinned
+        live = live_model(self.settings, project)
+        with self._swap_lock:
+            self._projects[project] = None
+            self._projects.move_to_end(project)
+            while len(self._projects) > 64:
+                self._projects.popitem(last=False)
+            engine = self._engines.get(live.version)
+            if engine is not None:
+                self._engines.move_to_end(live.version)
+                return engine
+        with self._load_lock:  # outside the swap lock: loaded models keep serving meanwhile
+            with self._swap_lock:
+                engine = self._engines.get(live.version)
+            if engine is not None:  # another request loaded it while this one waited
+                return engine
+            engine = self._load(live)
+        with self._swap_lock:
+            self._engines[live.version] = engine
+            limit = max(1, self.settings.live_models_max)
+            while len(self._engines) > limit:
+                evicted, _ = self._engines.popitem(last=False)
+                log.info("unloaded model %s (LIVE_MODELS_MAX=%d)", evicted, limit)
+        log.info("serving %s for %s", live.version, "every project" if project is None else f"project {project}")
+        return engine
+
+    def _load(self, live: LiveModel) -> Transcriber:
         if self._factory is not None:
-            return self._factory(self.settings)
+            return self._factory(self.settings, live)
         from .engine import WhisperEngine
 
-        return WhisperEngine(self.settings, resolved=live_model(self.settings).resolved)
+        return WhisperEngine(self.settings, resolved=live.resolved)
 
     def watch(self, interval: float = 2.0) -> threading.Thread:
-        """Poll the registry in the background, so a promotion is loaded before the next request needs it."""
+        """Poll the registry in the background, so a promotion is loaded before the next request needs it
+        (for the projects served lately)."""
         stop = threading.Event()
 
         def loop() -> None:
             while not stop.wait(interval):
-                try:
-                    self.get()
-                except Exception:  # keep serving the old model; the next poll tries again
-                    log.exception("could not load the live model version")
+                for project in list(self._projects)[-max(1, self.settings.live_models_max):]:
+                    try:
+                        self.get(project)
+                    except Exception:  # keep serving the old model; the next poll tries again
+                        log.exception("could not load the live model version for project %s", project)
 
         thread = threading.Thread(target=loop, name="live-model-watch", daemon=True)
         thread.stop = stop  # type: ignore[attr-defined]

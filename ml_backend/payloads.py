@@ -159,9 +159,23 @@ class WebhookEvent(_Open):
         return self.model_dump(mode="json", exclude_none=True)
 
 
+def project_number(value: str | int | None) -> int | None:
+    """Label Studio names the project ``"<id>.<created timestamp>"`` in /setup and /predict; ids elsewhere."""
+    if value is None or isinstance(value, int):
+        return value
+    head = value.split(".", 1)[0]
+    if not head.isdigit() or len(head) > 18:
+        raise PayloadError(f"project: expected '<id>.<timestamp>' or an id, got {len(value)} characters")
+    return int(head)
+
+
 class SetupRequest(_Open):
-    project: StrictStr | StrictInt | None = None
+    project: StrictStr | Id | None = None
     schema_: StrictStr | None = Field(default=None, alias="schema")
+
+    @property
+    def project_id(self) -> int | None:
+        return project_number(self.project)
 
 
 class PredictRequest(_Open):
@@ -170,16 +184,21 @@ class PredictRequest(_Open):
     tasks: list[Any]
     label_config: StrictStr | None = None
     schema_: StrictStr | None = Field(default=None, alias="schema")
-    project: StrictStr | StrictInt | None = None
+    project: StrictStr | Id | None = None
 
     @property
     def config_xml(self) -> str | None:
         return self.label_config or self.schema_
 
+    @property
+    def project_id(self) -> int | None:
+        return project_number(self.project)
+
 
 class PredictTask(_Open):
     id: Id | None = None
     data: dict[str, Any]
+    project: Id | None = None  # Label Studio sends it with every task; the model is chosen by it
 
 
 def parse(model: type[BaseModel], body: Any, what: str) -> Any:

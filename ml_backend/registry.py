@@ -1,13 +1,19 @@
-"""The model registry: fine-tuned versions (LoRA adapters over a base model) and which one is live.
+"""The model registry: fine-tuned versions (LoRA adapters over a base model) and which one is live where.
+
+Every project has its own lineage: corrections in project 3 train versions that go live for
+project 3 only. A project without its own live version serves the **global** one, which
+only an admin sets (``models promote V --scope global``), or the base model itself.
 
 Layout under ``$LOOPSCRIBE_HOME/registry``::
 
-    live.json                  {"version": ..., "base_version": ..., "since": ...}  (os.replace: atomic)
-    history.jsonl              every change of the live version, for rollback and audit
+    live/<scope>.json          {"scope", "version", "base_version", "since"}; scope is ``project-N`` or
+                               ``global`` (os.replace: atomic; one row per scope in a database)
+    history.jsonl              every change of a live version: {"at", "scope", "action", "from", "to"}
     versions/<version>/        version.json (metadata, status, evaluation report) + adapter/ (peft)
 
-The base model is the root of every lineage and is live when ``live.json`` is absent or
-names it. Serving processes poll ``live.json`` and hot-swap (see :mod:`ml_backend.live`).
+Registries from before per-project lineages had one ``live.json``; it is moved in place to the
+lineage of the project whose corrections trained the version (see :meth:`Registry.migrate`).
+Serving processes poll the pointers and hot-swap (see :mod:`ml_backend.live`).
 """
 
 from __future__ import annotations
@@ -25,6 +31,26 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import LoopscribeError
+
+GLOBAL = "global"
+
+
+class RegistryError(LoopscribeError, RuntimeError):
+    pass
+
+
+def scope_of(project: int | None) -> str:
+    """The lineage a project is served from: ``project-N``, or ``global`` for no project."""
+    return GLOBAL if project is None else f"project-{project}"
+
+
+def project_of(scope: str) -> int | None:
+    if scope == GLOBAL:
+        return None
+    name, _, number = scope.partition("-")
+    if name != "project" or not number.isdigit():
+        raise RegistryError(f"not a lineage: {scope!r} (expected 'global' or 'project-N')")
+    return int(number)
 
 
 @dataclass(frozen=True)
@@ -44,14 +70,15 @@ class ModelVersion:
     report: dict = field(default_factory=dict)  # the full evaluation report
 
     @property
+    def scope(self) -> str:
+        """The lineage this version was trained for (and may go live in without ``--scope global``)."""
+        return scope_of(self.project)
+
+    @property
     def gain(self) -> float | None:
         if self.error_before is None or self.error_after is None:
             return None
         return self.error_before - self.error_after
-
-
-class RegistryError(LoopscribeError, RuntimeError):
-    pass
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -63,10 +90,19 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+@dataclass(frozen=True)
+class LiveChoice:
+    """What serves a project: ``version`` None means the base model itself; ``scope`` says whose pointer chose."""
+
+    version: ModelVersion | None
+    scope: str  # project-N, global, or "base" (no pointer applies)
+
+
 class Registry:
     def __init__(self, home: Path):
         self.root = Path(home) / "registry"
         self.versions_dir = self.root / "versions"
+        self.live_dir = self.root / "live"
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -79,20 +115,94 @@ class Registry:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
+    # ---- migration ------------------------------------------------------------------------------
+
+    def migrate(self) -> str | None:
+        """Move a single-lineage ``live.json`` into the lineage of the project that trained its version.
+
+        Before lineages, a version trained on project A served every project. Keeping that for B would be
+        exactly the silent change per-project lineages exist to stop, so A keeps it and the others fall back
+        to the base (an admin may still promote it with ``--scope global``). Old history lines get the same
+        scope. Returns the scope the pointer moved to, or None when there was nothing to migrate.
+        """
+        legacy = self.root / "live.json"
+        if not legacy.is_file():
+            return None
+        with self._locked():
+            if not legacy.is_file():  # another process migrated meanwhile
+                return None
+            try:
+                pointer = json.loads(legacy.read_text())
+            except json.JSONDecodeError:
+                pointer = {}
+            version = pointer.get("version")
+            scope = GLOBAL
+            if version and (self.versions_dir / version / "version.json").is_file():
+                scope = self.get(version).scope
+            if version and pointer.get("base_version"):
+                self.live_dir.mkdir(parents=True, exist_ok=True)
+                _write_json_atomic(self._pointer_path(scope), pointer | {"scope": scope})
+            history = self.root / "history.jsonl"
+            if history.is_file():
+                lines = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+                with open(history.with_suffix(".tmp"), "w") as f:
+                    for h in lines:
+                        f.write(json.dumps({"scope": scope} | h) + "\n")
+                os.replace(history.with_suffix(".tmp"), history)
+            os.replace(legacy, self.root / "live.json.migrated")
+        return scope
+
     # ---- reading --------------------------------------------------------------------------------
 
-    def live_pointer(self) -> dict | None:
+    def _pointer_path(self, scope: str) -> Path:
+        project_of(scope)  # validates
+        return self.live_dir / f"{scope}.json"
+
+    def _read_pointer(self, scope: str) -> dict | None:
         try:
-            return json.loads((self.root / "live.json").read_text())
+            return json.loads(self._pointer_path(scope).read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
-    def live(self, base_version: str) -> ModelVersion | None:
-        """The live fine-tuned version on top of ``base_version``; None when the base itself is live."""
-        pointer = self.live_pointer()
-        if not pointer or pointer.get("version") == base_version or pointer.get("base_version") != base_version:
-            return None
-        return self.get(pointer["version"])
+    def live_pointer(self, scope: str = GLOBAL) -> dict | None:
+        self.migrate()
+        return self._read_pointer(scope)
+
+    def pointers(self) -> builtins.list[dict]:
+        """Every lineage's live pointer (global first, then projects by number)."""
+        self.migrate()
+        return self._pointers()
+
+    def _pointers(self) -> builtins.list[dict]:
+        if not self.live_dir.is_dir():
+            return []
+        out = []
+        for path in self.live_dir.glob("*.json"):
+            try:
+                out.append(json.loads(path.read_text()))
+            except json.JSONDecodeError:
+                continue
+        return sorted(out, key=lambda p: (p["scope"] != GLOBAL, project_of(p["scope"]) or 0))
+
+    def choose(self, base_version: str, project: int | None = None) -> LiveChoice:
+        """The version serving ``project``: its own lineage's pointer, else the global one, else the base.
+
+        A pointer made for another base (``WHISPER_MODEL`` changed) is ignored. A project rolled back to
+        the base serves the base, not the global version: its admin chose so.
+        """
+        scopes = [scope_of(project), GLOBAL] if project is not None else [GLOBAL]
+        for scope in scopes:
+            pointer = self.live_pointer(scope)
+            if not pointer or pointer.get("base_version") != base_version:
+                continue
+            if pointer.get("version") == base_version:
+                return LiveChoice(None, scope)
+            return LiveChoice(self.get(pointer["version"]), scope)
+        return LiveChoice(None, "base")
+
+    def live(self, base_version: str, project: int | None = None) -> ModelVersion | None:
+        """The fine-tuned version serving ``project`` over ``base_version``; None when the base itself serves."""
+        return self.choose(base_version, project).version
 
     def get(self, version: str) -> ModelVersion:
         path = self.versions_dir / version / "version.json"
@@ -103,17 +213,21 @@ class Registry:
     def adapter_path(self, version: str) -> Path:
         return self.versions_dir / version / "adapter"
 
-    def list(self) -> list[ModelVersion]:
+    def list(self, project: int | None = None) -> builtins.list[ModelVersion]:
+        """Every version, oldest first; only those trained for ``project`` when it is given."""
         if not self.versions_dir.is_dir():
             return []
         out = [self.get(p.name) for p in self.versions_dir.iterdir() if (p / "version.json").is_file()]
-        return sorted(out, key=lambda v: v.created_at)
+        return sorted((v for v in out if project is None or v.project == project), key=lambda v: v.created_at)
 
-    def history(self) -> builtins.list[dict]:
+    def history(self, scope: str | None = None) -> builtins.list[dict]:
+        """Changes of live versions, oldest first; only ``scope``'s when it is given."""
+        self.migrate()
         path = self.root / "history.jsonl"
         if not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [h for h in rows if scope is None or h.get("scope") == scope]
 
     # ---- writing --------------------------------------------------------------------------------
 
@@ -142,39 +256,53 @@ class Registry:
             current = self.get(version)
             return self._set_status(version, changes.pop("status", current.status), **changes)
 
-    def _switch_live(self, version: str, base_version: str, action: str) -> str:
-        """Point live.json at ``version``; retire the previous fine-tuned live one. Caller holds the lock."""
-        previous = (self.live_pointer() or {}).get("version") or base_version
-        if previous != base_version and previous != version and (self.versions_dir / previous).is_dir():
-            self._set_status(previous, "retired")
+    def _live_anywhere(self, version: str) -> bool:
+        return any(p.get("version") == version for p in self._pointers())
+
+    def _switch_live(self, scope: str, version: str, base_version: str, action: str) -> str:
+        """Point ``scope``'s pointer at ``version``; retire the version it replaces unless another lineage
+        still serves it. Caller holds the lock."""
+        previous = (self._read_pointer(scope) or {}).get("version") or base_version
+        self.live_dir.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(self._pointer_path(scope),
+                           {"scope": scope, "version": version, "base_version": base_version, "since": time.time()})
         if version != base_version:
             self._set_status(version, "live")
-        _write_json_atomic(self.root / "live.json",
-                           {"version": version, "base_version": base_version, "since": time.time()})
+        if previous not in (base_version, version) and (self.versions_dir / previous).is_dir() \
+                and not self._live_anywhere(previous):
+            self._set_status(previous, "retired")
         with open(self.root / "history.jsonl", "a") as f:
-            f.write(json.dumps({"at": time.time(), "action": action, "from": previous, "to": version}) + "\n")
+            f.write(json.dumps({"at": time.time(), "scope": scope, "action": action, "from": previous,
+                                "to": version}) + "\n")
         return previous
 
-    def promote(self, version: str, base_version: str | None = None) -> str:
-        """Make ``version`` live (atomic pointer swap). Returns the version it replaced."""
+    def _check_fits(self, info: ModelVersion, scope: str, base_version: str) -> None:
+        if info.base_version != base_version:
+            raise RegistryError(f"{info.version} was trained on {info.base_version}, not the served {base_version}")
+        if scope != GLOBAL and info.project is not None and info.scope != scope:
+            raise RegistryError(f"{info.version} was trained on project {info.project}'s corrections, not for "
+                                f"{scope}; train that project, or share it with every project: --scope global")
+
+    def promote(self, version: str, base_version: str | None = None, *, scope: str | None = None) -> str:
+        """Make ``version`` live in ``scope`` (default: its own project's lineage). Returns the version it replaced."""
+        self.migrate()  # before the lock: migrating takes it too
         with self._locked():
             info = self.get(version)
-            if base_version is not None and info.base_version != base_version:
-                raise RegistryError(f"{version} was trained on {info.base_version}, not the served {base_version}")
-            return self._switch_live(version, info.base_version, "promote")
+            scope = scope or info.scope
+            self._check_fits(info, scope, base_version or info.base_version)
+            return self._switch_live(scope, version, info.base_version, "promote")
 
-    def rollback(self, base_version: str, to: str | None = None) -> str:
-        """Make the previous live version (or ``to``, or the base) live again. Returns the new live version."""
+    def rollback(self, base_version: str, to: str | None = None, *, scope: str = GLOBAL) -> str:
+        """Make ``scope``'s previous live version (or ``to``, or the base) live again. Returns the new one."""
+        self.migrate()
         with self._locked():
-            current = (self.live_pointer() or {}).get("version") or base_version
+            current = (self._read_pointer(scope) or {}).get("version") or base_version
             if to is None:
-                earlier = [h["from"] for h in self.history() if h["to"] == current and h["from"] != current]
+                earlier = [h["from"] for h in self.history(scope) if h["to"] == current and h["from"] != current]
                 to = earlier[-1] if earlier else base_version
             if to != base_version:
-                info = self.get(to)
-                if info.base_version != base_version:
-                    raise RegistryError(f"{to} was trained on {info.base_version}, not the served {base_version}")
+                self._check_fits(self.get(to), scope, base_version)
             if to == current:
-                raise RegistryError(f"{to} is already live")
-            self._switch_live(to, base_version, "rollback")
+                raise RegistryError(f"{to} is already live in {scope}")
+            self._switch_live(scope, to, base_version, "rollback")
             return to

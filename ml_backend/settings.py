@@ -60,6 +60,9 @@ class Settings:
                              "(faster; check WER with `loopscribe bench engine`)", group="model")
     cpu_threads: int = setting(0, "WHISPER_CPU_THREADS", "torch intra-op threads on CPU; 0 keeps torch's default",
                                group="model")
+    live_models_max: int = setting(3, "LIVE_MODELS_MAX", "models a backend or worker keeps loaded at once (one per "
+                                   "live version serving some project; least recently used unloaded first)",
+                                   group="model")
     cache_size: int = setting(2048, "WHISPER_CACHE_SIZE", "transcriptions kept in memory, keyed by audio hash + "
                               "model version + options", group="model")
 

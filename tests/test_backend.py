@@ -171,3 +171,41 @@ def test_webhook_secret_enforced_when_set(settings, engine, media, tmp_path):
     assert client.post("/webhook", data="junk", headers={WEBHOOK_SECRET_HEADER: "s3cret"}).status_code == 400
     recorded = (tmp_path / "webhooks" / "events.jsonl").read_text().splitlines()
     assert len(recorded) == 1 and json.loads(recorded[0])["event"] == event
+
+
+class VersionedEngine:
+    """The real engine under another version name, recording each batch: stands in for a project's adapter."""
+
+    def __init__(self, engine, version: str, batches: list):
+        self.engine, self.model_version, self.batches = engine, version, batches
+
+    def transcribe(self, clips, options=None, **kwargs):
+        self.batches.append((self.model_version, len(clips)))
+        return [replace(t, model_version=self.model_version) for t in self.engine.transcribe(clips, options)]
+
+
+def test_each_task_is_predicted_by_its_projects_model(settings, engine, media, tmp_path, monkeypatch):
+    from ml_backend import live as live_module
+    from ml_backend.model_store import ResolvedModel
+
+    serving = {None: "base-v", 1: "project1-v", 2: "base-v"}
+    monkeypatch.setattr(live_module, "live_model", lambda _s, project=None: live_module.LiveModel(
+        ResolvedModel("m", "p", serving[project]), False))
+    s = replace(settings, label_studio_url=media, label_studio_api_key=LEGACY, home=tmp_path)
+    client = create_app(s).test_client()
+    batches: list = []
+    client.application.config["service"].live = live_module.LiveEngine(
+        s, factory=lambda _s, model: VersionedEngine(engine, model.version, batches))
+    jfk, dictee = {"audio": "/data/upload/1/jfk.flac"}, {"audio": "/data/local-files/?d=audio/dictee.aiff"}
+    body = {"tasks": [{"id": 1, "project": 1, "data": jfk}, {"id": 4, "project": 2, "data": dictee},
+                      {"id": 8, "data": jfk}, {"id": 9, "project": 1, "data": dictee}],
+            "label_config": CONFIG.read_text(), "project": "2.1764000000"}
+    results = client.post("/predict", json=body).get_json()["results"]
+    assert [r["model_version"] for r in results] == ["project1-v", "base-v", "base-v", "project1-v"]
+    assert all(r["result"] for r in results)
+    assert sorted(batches) == [("base-v", 2), ("project1-v", 2)]  # one batch per project's model, never mixed
+    for project, version in ((1, "project1-v"), (2, "base-v"), (None, "base-v")):
+        setup = {"schema": CONFIG.read_text()} | ({"project": f"{project}.1764000000"} if project else {})
+        assert client.post("/setup", json=setup).get_json()["model_version"] == version
+    versions = client.get("/versions").get_json()
+    assert versions["versions"][0] == "base-v" and versions["projects"]["global"] == "base-v"

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
 
 from ml_backend.live import LiveEngine
 from ml_backend.model_store import ResolvedModel
-from ml_backend.registry import ModelVersion, Registry, RegistryError
+from ml_backend.registry import GLOBAL, ModelVersion, Registry, RegistryError
 
 BASE = "whisper-base-abc"
 
@@ -22,26 +23,62 @@ def candidate(registry: Registry, tmp_path, name: str, parent: str = BASE) -> st
     return name
 
 
-def test_promote_reject_and_rollback(tmp_path):
+def test_promote_reject_and_rollback_in_a_project_lineage(tmp_path):
     registry = Registry(tmp_path)
-    assert registry.live(BASE) is None  # the base is live until something is promoted
+    assert registry.live(BASE, 1) is None  # the base is live until something is promoted
     v1 = candidate(registry, tmp_path, "v1")
     assert registry.get(v1).status == "candidate"
-    assert registry.promote(v1, BASE) == BASE
-    assert registry.live(BASE).version == v1 and registry.get(v1).status == "live"
+    assert registry.promote(v1, BASE) == BASE  # into the lineage of the project it was trained for
+    assert registry.live(BASE, 1).version == v1 and registry.get(v1).status == "live"
+    assert registry.live(BASE, 2) is None and registry.live(BASE) is None  # nobody else's model changed
     v2 = candidate(registry, tmp_path, "v2", parent=v1)
     registry.update(v2, status="rejected")
-    assert registry.live(BASE).version == v1  # a rejected candidate never goes live by itself
+    assert registry.live(BASE, 1).version == v1  # a rejected candidate never goes live by itself
     v3 = candidate(registry, tmp_path, "v3", parent=v1)
     registry.promote(v3, BASE)
-    assert registry.get(v1).status == "retired" and registry.live(BASE).version == v3
-    assert registry.rollback(BASE) == v1  # the previous live version
-    assert registry.live(BASE).version == v1 and registry.get(v3).status == "retired"
-    assert registry.rollback(BASE, to=BASE) == BASE
-    assert registry.live(BASE) is None
+    assert registry.get(v1).status == "retired" and registry.live(BASE, 1).version == v3
     with pytest.raises(RegistryError):
-        registry.rollback(BASE, to=BASE)  # already live
-    assert [h["action"] for h in registry.history()] == ["promote", "promote", "rollback", "rollback"]
+        registry.rollback(BASE)  # the global lineage has nothing to roll back to
+    assert registry.rollback(BASE, scope="project-1") == v1  # the previous live version
+    assert registry.live(BASE, 1).version == v1 and registry.get(v3).status == "retired"
+    assert registry.rollback(BASE, to=BASE, scope="project-1") == BASE
+    assert registry.live(BASE, 1) is None
+    with pytest.raises(RegistryError):
+        registry.rollback(BASE, to=BASE, scope="project-1")  # already live
+    assert [h["action"] for h in registry.history("project-1")] == ["promote", "promote", "rollback", "rollback"]
+    assert registry.history("global") == []
+
+
+def test_global_default_serves_projects_without_their_own(tmp_path):
+    registry = Registry(tmp_path)
+    v1 = candidate(registry, tmp_path, "v1")
+    v2 = candidate(registry, tmp_path, "v2")
+    with pytest.raises(RegistryError, match="project 1"):
+        registry.promote(v1, BASE, scope="project-2")  # project 1's corrections never silently serve project 2
+    registry.promote(v1, BASE, scope=GLOBAL)  # an admin shares it explicitly
+    assert registry.choose(BASE, 2) == registry.choose(BASE) and registry.choose(BASE, 2).scope == GLOBAL
+    registry.promote(v2, BASE)  # project 1's own lineage wins over the default
+    assert registry.choose(BASE, 1).version.version == v2 and registry.choose(BASE, 1).scope == "project-1"
+    assert registry.live(BASE, 2).version == v1
+    registry.promote(v1, BASE)  # now live in two lineages
+    registry.rollback(BASE, to=BASE, scope="project-1")
+    assert registry.get(v1).status == "live"  # the global lineage still serves it: not retired
+    assert registry.choose(BASE, 1).version is None and registry.choose(BASE, 1).scope == "project-1"
+    assert [p["scope"] for p in registry.pointers()] == [GLOBAL, "project-1"]
+
+
+def test_a_single_lineage_registry_migrates_in_place(tmp_path):
+    registry = Registry(tmp_path)
+    v1 = candidate(registry, tmp_path, "v1")
+    registry.update(v1, status="live")
+    (registry.root / "live.json").write_text(json.dumps({"version": v1, "base_version": BASE, "since": 1.0}))
+    (registry.root / "history.jsonl").write_text(json.dumps({"at": 1.0, "action": "promote", "from": BASE,
+                                                             "to": v1}) + "\n")
+    assert Registry(tmp_path).live(BASE, 1).version == v1  # the project that trained it keeps it
+    assert registry.live(BASE, 2) is None and registry.live(BASE) is None  # others get the base
+    assert not (registry.root / "live.json").exists() and (registry.root / "live.json.migrated").is_file()
+    assert registry.history() == [{"scope": "project-1", "at": 1.0, "action": "promote", "from": BASE, "to": v1}]
+    assert registry.rollback(BASE, scope="project-1") == BASE  # its history works as before
 
 
 def test_a_version_of_another_base_is_refused_and_ignored(tmp_path):
@@ -50,7 +87,7 @@ def test_a_version_of_another_base_is_refused_and_ignored(tmp_path):
     with pytest.raises(RegistryError):
         registry.promote(v1, "whisper-small-xyz")
     registry.promote(v1, BASE)
-    assert registry.live("whisper-small-xyz") is None  # WHISPER_MODEL changed: serve that base as is
+    assert registry.live("whisper-small-xyz", 1) is None  # WHISPER_MODEL changed: serve that base as is
 
 
 def test_add_is_atomic_and_versions_are_unique(tmp_path):
@@ -61,7 +98,7 @@ def test_add_is_atomic_and_versions_are_unique(tmp_path):
     assert [p.name for p in registry.versions_dir.iterdir()] == ["v1"]  # no temporary directory left
 
 
-def test_live_model_is_the_live_version_over_the_installed_base(tmp_path, settings):
+def test_live_model_is_the_projects_live_version_over_the_installed_base(tmp_path, settings):
     from ml_backend.live import live_model
     from ml_backend.model_store import resolve_base
 
@@ -71,14 +108,15 @@ def test_live_model_is_the_live_version_over_the_installed_base(tmp_path, settin
     registry = Registry(tmp_path)
     v1 = candidate(registry, tmp_path, "v1")
     registry.update(v1, base_version=base.version)
-    assert live_model(s).version == base.version and live_model(s).resolved.adapter is None
+    assert live_model(s, 1).version == base.version and live_model(s, 1).resolved.adapter is None
     registry.promote(v1, base.version)
-    live = live_model(s).resolved
+    live = live_model(s, 1).resolved
     assert (live.version, live.root_version, live.path) == (v1, base.version, base.path)
     assert live.adapter == str(registry.adapter_path(v1))
+    assert live_model(s, 2).version == live_model(s).version == base.version  # other projects: the base
     assert resolve_base(s, "base").adapter is None  # an explicit model name means that model as is
-    quantized = live_model(replace(s, quantize=True, device="cpu"))
-    assert (quantized.version, quantized.registry_version) == (f"{v1}-int8", v1)
+    quantized = live_model(replace(s, quantize=True, device="cpu"), 1)
+    assert (quantized.version, quantized.registry_version, quantized.scope) == (f"{v1}-int8", v1, "project-1")
 
 
 class FakeEngine:
@@ -89,20 +127,24 @@ class FakeEngine:
         self.model_version = version
 
 
-def test_live_engine_hot_swaps_on_promotion_and_rollback(tmp_path, monkeypatch, settings):
+def test_live_engine_serves_each_project_its_model_and_hot_swaps_only_that_one(tmp_path, monkeypatch, settings):
     from ml_backend import live as live_module
 
-    s = replace(settings, home=tmp_path)
+    s = replace(settings, home=tmp_path, live_models_max=2)
     registry = Registry(tmp_path)
-    live_version = {"v": BASE}
-    monkeypatch.setattr(live_module, "live_model",
-                        lambda _settings: live_module.LiveModel(ResolvedModel("m", "p", live_version["v"]), False))
-    live = LiveEngine(s, factory=lambda _s: FakeEngine(live_version["v"]))
-    assert live.get().model_version == BASE
-    assert live.get() is live.get() and FakeEngine.loads == 1  # no reload while nothing changes
+    serving = {None: BASE, 1: BASE, 2: BASE, 3: BASE}
+    monkeypatch.setattr(live_module, "live_model", lambda _settings, project=None: live_module.LiveModel(
+        ResolvedModel("m", "p", serving[project]), False))
+    FakeEngine.loads = 0
+    live = LiveEngine(s, factory=lambda _s, model: FakeEngine(model.version))
+    assert live.get(1) is live.get(2) is live.get() and FakeEngine.loads == 1  # one version, one model
     v1 = candidate(registry, tmp_path, "v1")
     registry.promote(v1, BASE)
-    live_version["v"] = v1
-    assert live.version == v1 and live.get().model_version == v1
-    live_version["v"] = BASE
-    assert live.get().model_version == BASE and FakeEngine.loads == 3
+    serving[1] = v1
+    bystander = live.get(2)
+    assert live.version(1) == v1 and live.get(1).model_version == v1 and FakeEngine.loads == 2
+    assert live.get(2) is bystander and bystander.model_version == BASE  # project 2 untouched
+    serving[3] = "v3"
+    assert live.get(3).model_version == "v3" and live.loaded() == [BASE, "v3"]  # LIVE_MODELS_MAX=2: v1 was LRU
+    serving[1] = BASE  # rolled back: the base is still loaded
+    assert live.get(1) is bystander and FakeEngine.loads == 3

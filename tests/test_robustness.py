@@ -400,9 +400,9 @@ def test_quantized_live_version_is_listed_once(settings, tmp_path, standin):
                                   parent=base.version, project=1, created_at=f"2026-01-0{n}T00:00:00Z"), adapter)
         registry.promote(version, base.version)
     client = create_app(s).test_client()  # not pinned: the live model is worked out as in production
-    versions = client.get("/versions", headers=AUTH).get_json()["versions"]
-    live = client.post("/setup", json={}, headers=AUTH).get_json()["model_version"]
-    assert live == f"{base.version}-lora002-test-int8" == live_model(s).version == versions[0]
+    versions = client.get("/versions?project=1", headers=AUTH).get_json()["versions"]
+    live = client.post("/setup", json={"project": "1.1764000000"}, headers=AUTH).get_json()["model_version"]
+    assert live == f"{base.version}-lora002-test-int8" == live_model(s, 1).version == versions[0]
     assert versions == [live, f"{base.version}-lora001-test-int8"]
 
 

@@ -82,7 +82,7 @@ def run_training(
     ls,
     ledger,
     project: int,
-    live_engine: Transcriber,
+    live_engine: Transcriber,  # the model serving ``project`` now
     *,
     params: dict | None = None,
     on_progress: Callable[..., None] = lambda **_: None,
@@ -111,7 +111,7 @@ def run_training(
                                time.perf_counter() - started)
 
     base = resolve_base(settings)
-    live = live_model(settings)
+    live = live_model(settings, project)  # the gate compares against what serves this project now
     args = LoraArguments.from_settings(settings, **{k: params[k] for k in ("epochs", "learning_rate", "r", "alpha")
                                                      if k in params})
     work = Path(tempfile.mkdtemp(prefix="train-", dir=settings.home))
@@ -152,7 +152,7 @@ def run_training(
                     "before": before.to_dict(), "after": after.to_dict(), "audio_failed": failed},
         )
         registry.add(info, result.adapter_dir)
-        if promote:
+        if promote:  # into this project's lineage only: no other project's model changes
             registry.promote(version, base.version)
         else:
             registry.update(version, status=decision.outcome)

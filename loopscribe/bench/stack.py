@@ -89,19 +89,16 @@ def bench_retrain(args: argparse.Namespace, settings: Settings) -> int:
     Needs the running stack (``loopscribe up``): a scratch project gets N + 20 made-up-vocabulary
     clips, N of them are annotated with the true transcript through Label Studio's API, and
     one training job is queued; the worker runs it. Stage times come from the ledger. By
-    default the previous live version is restored and the project deleted afterwards.
+    default the project is deleted afterwards (its promotion touched only its own lineage).
     """
     from ml_backend.engine import WhisperEngine
     from ml_backend.ledger import Ledger
-    from ml_backend.live import live_model
-    from ml_backend.model_store import resolve_base
     from ml_backend.registry import Registry
 
     from .. import jobs, labelstudio, stack
     from .synth import vocabulary_clips
 
     ls = labelstudio.client(settings)
-    live_before = live_model(settings).registry_version
     clips = vocabulary_clips(settings.home / "cache" / "vocab", args.corrections + 20)
     truth = {c.path.name: c.text for c in clips}
     label_config = LABEL_CONFIG.read_text()
@@ -110,7 +107,7 @@ def bench_retrain(args: argparse.Namespace, settings: Settings) -> int:
     try:
         labelstudio.import_audio(ls, settings, project, [c.path for c in clips],
                                  media_root=stack.StackPaths(settings.home).media, progress=False)
-        labelstudio.predict_project(ls, settings, project, WhisperEngine(settings), progress=False)
+        labelstudio.predict_project(ls, settings, project, WhisperEngine(settings, project=project), progress=False)
         tasks = sorted(ls.tasks.list(project=project, fields="all"), key=lambda t: t.data["source_file"])
         for task in tasks[: args.corrections]:
             labelstudio.submit_transcript(ls, task, truth[Path(task.data["source_file"]).name], "en")
@@ -137,12 +134,8 @@ def bench_retrain(args: argparse.Namespace, settings: Settings) -> int:
                   f"error {v.error_before:.3f} → {v.error_after:.3f}, "
                   f"{v.params['steps']} steps in {v.params['train_seconds']} s on {v.params['device']}"
                   + (f", peak {v.params['peak_memory_mb']:.0f} MiB" if v.params.get("peak_memory_mb") else ""))
-    finally:
+    finally:  # a promotion went into this project's own lineage: no other project's model changed
         if not args.keep:
-            registry = Registry(settings.home)
-            if live_model(settings).registry_version != live_before:
-                registry.rollback(resolve_base(settings).version, to=live_before)
-                print(f"restored live version {live_before}")
             ls.projects.delete(id=project)
     return 0
 
