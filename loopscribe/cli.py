@@ -547,6 +547,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="override TRAIN_EPOCHS")
     p.add_argument("--keep", action="store_true", help="keep the project and the new live version")
     p.set_defaults(func=cmd_bench)
+    p = bench.add_parser("adapters", help="memory and throughput with 1, 3, 10 projects' models live at once: "
+                         "merged models vs one base with peft adapters")
+    p.add_argument("--adapters", default="1,3,10", help="numbers of live adapters to measure (comma-separated)")
+    p.add_argument("--clips", type=int, default=5, help="real clips per batch (from shared/audio)")
+    p.add_argument("--batches", type=int, default=10, help="batches per configuration, round-robin over adapters")
+    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    p.set_defaults(func=cmd_bench)
     p = bench.add_parser("train", help="seconds per LoRA training step and peak memory, per model (GPU or CPU)")
     p.add_argument("--model", action="append", help="bundled name or local Whisper directory (repeatable; "
                    "default WHISPER_MODEL unless --shape is given)")

@@ -118,3 +118,21 @@ def test_summary_of_several_seeds(capsys):
     flat = [run(s, 0, [0.4, 0.4], [0.5], ["rejected"], None) for s in ("entropy", "random")]
     assert summarize(flat, [0], None, None)["entropy_corrections_to_match"] is None
     assert "not measurable" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bench_adapters_measures_both_strategies_and_they_agree(tmp_path, settings):
+    """`bench adapters`: each configuration in its own process, on the bundled base with real clips."""
+    from loopscribe.cli import build_parser
+
+    out = tmp_path / "adapters.json"
+    args = build_parser().parse_args(["bench", "adapters", "--adapters", "1,2", "--clips", "2", "--batches", "2",
+                                      "--json", str(out)])
+    assert args.func(args, settings) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["strategy"], r["adapters"]) for r in rows] == [("merged", 1), ("multi", 1), ("merged", 2),
+                                                              ("multi", 2)]
+    assert all(r["speed"] > 0 and r["resident_mb"] > 0 and r["peak_mb"] >= r["resident_mb"] for r in rows)
+    merged, multi = rows[2], rows[3]
+    assert len(merged["texts"]) == 2 and merged["texts"] == multi["texts"]  # same adapters, same transcripts
+    assert merged["resident_mb"] > rows[0]["resident_mb"]  # a second merged model costs a second model

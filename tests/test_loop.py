@@ -81,10 +81,22 @@ def wait_for_job(ledger: Ledger, project: int, timeout: float = 1200, job_id: in
     raise AssertionError(f"no finished training job for project {project} in {timeout} s: {ledger.jobs.list(project)}")
 
 
-def backend_version(s) -> str:
-    r = requests.post(f"{s.backend_url}/setup", json={}, auth=(s.basic_auth_user, s.basic_auth_pass), timeout=10)
+def backend_version(s, project: int | None = None) -> str:
+    """What /setup answers Label Studio for ``project`` (it sends "<id>.<created timestamp>")."""
+    body = {"project": f"{project}.1764000000"} if project is not None else {}
+    r = requests.post(f"{s.backend_url}/setup", json=body, auth=(s.basic_auth_user, s.basic_auth_pass), timeout=10)
     r.raise_for_status()
     return r.json()["model_version"]
+
+
+def next_task(s, project: int) -> dict:
+    return requests.get(f"{s.label_studio_url}/api/projects/{project}/next", timeout=30,
+                        headers={"Authorization": f"Token {s.label_studio_api_key}"}).json()
+
+
+def predictions_of(ls, project: int) -> dict[int, list[tuple[int, str, float]]]:
+    return {t.id: sorted((p.id, p.model_version, p.score) for p in t.predictions or [])
+            for t in ls.tasks.list(project=project, fields="all")}
 
 
 def test_corrections_reach_threshold_train_promote_and_rescore(loop, ls, engine, shared_audio):
@@ -92,8 +104,13 @@ def test_corrections_reach_threshold_train_promote_and_rescore(loop, ls, engine,
     clips = vocabulary_clips(s.home / "vocab", 30)
     project, clip_of, tasks = import_project(loop, ls, engine, "loop", clips)
     labelstudio.connect_backend(ls, project, s)  # registers Label Studio's webhook with our secret
-    live_before = backend_version(s)
-    assert live_before == engine.model_version
+    live_before = backend_version(s, project)
+    assert live_before == engine.model_version == backend_version(s)
+    # a second project on the same Label Studio and backend: the first one's training must not touch it
+    bystander, _, bystander_tasks = import_project(loop, ls, engine, "bystander", vocabulary_clips(
+        s.home / "vocab", 6, offset=50))
+    labelstudio.connect_backend(ls, bystander, s)
+    bystander_before = (predictions_of(ls, bystander), ls.projects.get(id=bystander).model_version)
 
     predicted = {tid: extract(t.predictions[0].result).text for tid, t in tasks.items()}
     wrong = [tid for tid in tasks if normalize(predicted[tid]) != normalize(clip_of[tid].text)]
@@ -121,23 +138,34 @@ def test_corrections_reach_threshold_train_promote_and_rescore(loop, ls, engine,
     assert version.error_after + s.promote_min_gain <= version.error_before
     assert version.parent == live_before and version.status == "live"
 
-    # the backend hot-swapped without a restart, and the remaining pool carries the new version
+    # the backend hot-swapped without a restart for this project only, and its remaining pool carries the new
+    # version; the bystander keeps its model, predictions and scores (its ranking) and model_version
     deadline = time.time() + 60
-    while backend_version(s) != job.version and time.time() < deadline:
+    while backend_version(s, project) != job.version and time.time() < deadline:
         time.sleep(1)
-    assert backend_version(s) == job.version
+    assert backend_version(s, project) == job.version
+    assert backend_version(s, bystander) == live_before == backend_version(s)
+    assert (predictions_of(ls, bystander), ls.projects.get(id=bystander).model_version) == bystander_before
+    mixed = [{"id": tid, "project": p, "data": t.data} for p, (tid, t) in
+             ((project, next(iter(tasks.items()))), (bystander, next(iter(bystander_tasks.items()))))]
+    answer = requests.post(f"{s.backend_url}/predict", json={"tasks": mixed, "label_config": CONFIG}, timeout=120,
+                           auth=(s.basic_auth_user, s.basic_auth_pass)).json()["results"]
+    assert [r["model_version"] for r in answer] == [job.version, live_before]  # each by its project's model
     assert ls.projects.get(id=project).model_version == job.version
     refreshed = {t.id: t for t in ls.tasks.list(project=project, fields="all")}
     for tid in remaining:
         assert any(p.model_version == job.version for p in refreshed[tid].predictions), tid
-    new_next = requests.get(f"{s.label_studio_url}/api/projects/{project}/next", timeout=30,
-                            headers={"Authorization": f"Token {s.label_studio_api_key}"}).json()
+    new_next = next_task(s, project)
     assert new_next["id"] in remaining
     assert new_next["predictions"][0]["model_version"] == job.version
 
     status = json.loads(cli(loop, "status", "--json").stdout)
     mine = next(p for p in status["projects"] if p["id"] == project)
-    assert status["live_model_version"] == job.version
+    assert mine["serving"] == {"version": job.version, "lineage": f"project-{project}"}
+    other = next(p for p in status["projects"] if p["id"] == bystander)
+    assert other["serving"]["version"] == live_before == status["live_model_version"]
+    listing = cli(loop, "models", "list", "--project", str(project)).stdout
+    assert job.version in listing and f"project-{project}" in listing
     assert mine["training"]["corrections_since_training"] == 0
     assert mine["training"]["recent_jobs"][0]["state"] == "promoted"
     metrics = requests.get(f"{s.backend_url}/metrics", auth=(s.basic_auth_user, s.basic_auth_pass), timeout=10).text

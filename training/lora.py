@@ -120,6 +120,16 @@ def device_and_precision(device_setting: str = "auto", dtype_setting: str = "aut
     return device.type, precision
 
 
+def lora_config(args: LoraArguments):
+    """peft's ``LoraConfig`` for ``args``: the target modules in the decoder only, or everywhere with ``encoder``."""
+    from peft import LoraConfig
+
+    modules = "|".join(args.target_modules)
+    scope = r".*" if args.encoder else r".*decoder.*"
+    return LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
+                      target_modules=rf"{scope}\.({modules})$", bias="none")
+
+
 def train_lora(
     base_path: str,
     examples: Sequence[Example],
@@ -131,7 +141,7 @@ def train_lora(
 ) -> TrainResult:
     """Train a LoRA adapter on ``examples`` over the Whisper at ``base_path``; save it (peft format) to ``out_dir``."""
     from accelerate import Accelerator
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from tqdm import tqdm
     from transformers import get_linear_schedule_with_warmup
 
@@ -147,11 +157,7 @@ def train_lora(
     tokenizer, features, special, model = loaded.tokenizer, loaded.feature_extractor, loaded.special, loaded.model
     model.config.use_cache = False
 
-    modules = "|".join(args.target_modules)
-    scope = r".*" if args.encoder else r".*decoder.*"
-    lora = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
-                      target_modules=rf"{scope}\.({modules})$", bias="none")
-    model = get_peft_model(model, lora)
+    model = get_peft_model(model, lora_config(args))
     if device == "cuda":
         avoid_cudnn_attention()  # variable-length batches: a cuDNN plan per shape made epoch 1 2.9x slower
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -160,8 +166,8 @@ def train_lora(
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     parameters = sum(p.numel() for p in model.parameters())
     log.info("LoRA r=%d alpha=%d on %s (%s): %.2f M trainable parameters, %d examples",
-             args.r, args.alpha, modules, "encoder+decoder" if args.encoder else "decoder", trainable / 1e6,
-             len(examples))
+             args.r, args.alpha, "|".join(args.target_modules), "encoder+decoder" if args.encoder else "decoder",
+             trainable / 1e6, len(examples))
 
     sequences = [target_tokens(tokenizer, special, ex, timestamps=(ex.task % 2 == 0)) for ex in examples]
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)

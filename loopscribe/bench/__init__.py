@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "uncertainty": ("uncertainty", "bench_uncertainty"),
     "loop": ("loop", "bench_loop"),
     "corpus": ("corpus", "bench_corpus"),
+    "adapters": ("adapters", "bench_adapters"),
 }
 
 
