@@ -11,6 +11,7 @@ token was actually chosen from.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -110,6 +111,9 @@ class WhisperDecoder:
         self.max_initial_timestamp_index = round(MAX_INITIAL_TIMESTAMP / TIME_PRECISION)
         self.lang_codes = list(special.languages)
         self.lang_ids = torch.tensor(list(special.languages.values()), dtype=torch.long)
+        # transformers 5.x renamed the decoder's past_key_values to cache (the old name warns on every load)
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.model.decoder.forward).parameters \
+            else "past_key_values"
 
     @property
     def device(self) -> torch.device:
@@ -122,9 +126,9 @@ class WhisperDecoder:
 
     def _logits(self, tokens: torch.Tensor, encoded: torch.Tensor, cache=None):
         out = self.model.model.decoder(
-            input_ids=tokens, encoder_hidden_states=encoded, past_key_values=cache, use_cache=True
+            input_ids=tokens, encoder_hidden_states=encoded, use_cache=True, **{self._cache_arg: cache}
         )
-        return self.model.proj_out(out.last_hidden_state[:, -1]).float(), out.past_key_values
+        return self.model.proj_out(out.last_hidden_state[:, -1]).float(), out[self._cache_arg]
 
     @torch.inference_mode()
     def detect_language(self, encoded: torch.Tensor) -> list[LanguagePosterior]:

@@ -10,11 +10,12 @@ decoded once per model version and options (content-hash cache).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -41,12 +42,44 @@ from .whisper import (
     pick_device,
     pick_dtype,
     quantizes,
+    quiet_peft,
 )
 
 log = logging.getLogger(__name__)
 
+MAX_ADAPTERS = 64  # LoRA adapters kept beside one base model (a few MiB each); least recently used dropped
 MIN_TAIL_SECONDS = 1.0  # an undecoded window end shorter than this is left alone
 MAX_TAIL_ROUNDS = 2
+
+
+def _adapter_name(version: str) -> str:
+    """peft names adapters in module paths: no dots or slashes, whatever the version string holds."""
+    return "v" + hashlib.sha1(version.encode()).hexdigest()[:16]
+
+
+class AdapterView:
+    """One registry version served by a shared base :class:`WhisperEngine` with its adapter beside it."""
+
+    def __init__(self, engine: WhisperEngine, version: str):
+        self.engine, self.model_version, self.quantized = engine, version, False
+
+    @property
+    def languages(self) -> list[str]:
+        return self.engine.languages
+
+    def transcribe(self, clips: Sequence[np.ndarray], options: TranscribeOptions = TranscribeOptions(), *,
+                   on_batch: Callable[[int], None] | None = None) -> list[Transcription]:
+        return self.engine.transcribe(clips, options, on_batch=on_batch, adapter=self.model_version)
+
+    def transcribe_files(self, paths: Iterable[str], options: TranscribeOptions = TranscribeOptions(),
+                         **kwargs) -> list[Transcription | audio_lib.AudioDecodeError]:
+        return self.engine.transcribe_files(paths, options, adapter=self.model_version, **kwargs)
+
+    def count_windows(self, clips: Sequence[np.ndarray]) -> int:
+        return self.engine.count_windows(clips)
+
+    def clear_cache(self) -> None:
+        self.engine.clear_cache()
 
 
 @dataclass
@@ -107,6 +140,8 @@ class WhisperEngine:
         )
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple, Transcription] = OrderedDict()
+        self._peft: Any = None  # the peft wrapper once an adapter was added (the model is modified in place)
+        self._adapters: OrderedDict[str, str] = OrderedDict()  # served version → adapter path, most recent last
 
     @property
     def model_version(self) -> str:
@@ -116,6 +151,53 @@ class WhisperEngine:
     def languages(self) -> list[str]:
         return list(self.special.languages) or ["en"]
 
+    def with_adapter(self, version: str, adapter: str) -> AdapterView:
+        """This model with LoRA ``adapter`` (a registry version's peft directory) beside it, served as ``version``.
+
+        The adapter is loaded once, unmerged, next to the others (peft multi-adapter); each decode
+        activates the one it needs under the decode lock, so one base in memory serves every project.
+        """
+        if self.quantized:
+            raise ConfigurationError("a quantized model cannot carry unmerged adapters; serve merged models")
+        if version in self._adapters:  # loaded: no lock (it may be held by a long decode)
+            return AdapterView(self, version)
+        with self._lock:
+            if version not in self._adapters:
+                self._load_adapter(version, adapter)
+            self._adapters.move_to_end(version)
+            while len(self._adapters) > MAX_ADAPTERS:
+                evicted, _ = self._adapters.popitem(last=False)
+                self._peft.delete_adapter(_adapter_name(evicted))
+        return AdapterView(self, version)
+
+    def _load_adapter(self, version: str, adapter: str) -> None:
+        from peft import PeftModel
+
+        log.info("loading LoRA adapter %s beside %s", version, self.resolved.version)
+        name = _adapter_name(version)
+        with quiet_peft():
+            if self._peft is None:
+                self._peft = PeftModel.from_pretrained(self.model, adapter, adapter_name=name)
+            else:
+                self._peft.load_adapter(adapter, adapter_name=name)
+        for param_name, parameter in self.model.named_parameters():  # on the model's device and dtype
+            if f".{name}." in param_name:
+                parameter.data = parameter.data.to(self.device, self.dtype)
+        self._peft.eval()
+        self._adapters[version] = adapter
+
+    def _activate(self, adapter: str | None) -> None:
+        """Route decoding through ``adapter``'s LoRA layers, or none of them (the base). Caller holds the lock."""
+        if self._peft is None:
+            if adapter is not None:
+                raise ConfigurationError(f"adapter {adapter} was never added to this model")
+            return
+        if adapter is None:
+            self._peft.base_model.disable_adapter_layers()
+        else:
+            self._peft.base_model.enable_adapter_layers()
+            self._peft.set_adapter(_adapter_name(adapter))
+
     # ---- public API -------------------------------------------------------------------------
 
     def transcribe(
@@ -124,14 +206,17 @@ class WhisperEngine:
         options: TranscribeOptions = TranscribeOptions(),
         *,
         on_batch: Callable[[int], None] | None = None,
+        adapter: str | None = None,
     ) -> list[Transcription]:
         """Transcribe 16 kHz mono float32 clips; one :class:`Transcription` per clip, in order.
 
-        ``on_batch(n_windows)`` is called after each decoded batch (progress bars).
+        ``on_batch(n_windows)`` is called after each decoded batch (progress bars). ``adapter`` names an
+        adapter added with :meth:`with_adapter` (its :class:`AdapterView` passes it); None is this model.
         """
         if options.language is not None and options.language not in self.languages:
             raise ConfigurationError(f"unknown language {options.language!r} for this model")
-        keys = [self._cache_key(c, options) for c in clips]
+        version = adapter or self.model_version
+        keys = [self._cache_key(c, options, version) for c in clips]
         results: list[Transcription | None] = [None] * len(clips)
         with self._lock:
             for i, key in enumerate(keys):
@@ -150,10 +235,11 @@ class WhisperEngine:
                 for start, end in audio_lib.split_at_pauses(clips[i])
             ]
             with self._lock:
+                self._activate(adapter)
                 decoded = self._decode_windows(windows, options, on_batch)
                 for i in unique:
                     own = [(w, r) for w, r in decoded if w.item == i]
-                    result = results[i] = self._assemble(own, audio_lib.duration(clips[i]))
+                    result = results[i] = self._assemble(own, audio_lib.duration(clips[i]), version)
                     self._cache[keys[i]] = result
                 while len(self._cache) > self.settings.cache_size:
                     self._cache.popitem(last=False)
@@ -173,6 +259,7 @@ class WhisperEngine:
         max_seconds: float | None = None,
         on_start: Callable[[int], None] | None = None,
         on_batch: Callable[[int], None] | None = None,
+        adapter: str | None = None,
     ) -> list[Transcription | audio_lib.AudioDecodeError]:
         """Decode and transcribe files; a file that cannot be decoded yields its error, not an exception.
 
@@ -189,7 +276,7 @@ class WhisperEngine:
         clips = [d for d in decoded if isinstance(d, np.ndarray)]
         if on_start is not None:
             on_start(self.count_windows(clips))
-        texts = iter(self.transcribe(clips, options, on_batch=on_batch))
+        texts = iter(self.transcribe(clips, options, on_batch=on_batch, adapter=adapter))
         return [d if isinstance(d, audio_lib.AudioDecodeError) else next(texts) for d in decoded]  # errors in place
 
     def count_windows(self, clips: Sequence[np.ndarray]) -> int:
@@ -197,8 +284,8 @@ class WhisperEngine:
 
     # ---- internals ----------------------------------------------------------------------------
 
-    def _cache_key(self, clip: np.ndarray, options: TranscribeOptions) -> tuple:
-        return (audio_lib.content_hash(clip), self.model_version, options)
+    def _cache_key(self, clip: np.ndarray, options: TranscribeOptions, version: str) -> tuple:
+        return (audio_lib.content_hash(clip), version, options)
 
     def _features(self, windows: list[_Window]) -> torch.Tensor:
         feats = self.feature_extractor(
@@ -352,7 +439,8 @@ class WhisperEngine:
             close(window.duration)
         return segments
 
-    def _assemble(self, parts: list[tuple[_Window, _WindowResult]], total_duration: float) -> Transcription:
+    def _assemble(self, parts: list[tuple[_Window, _WindowResult]], total_duration: float,
+                  version: str) -> Transcription:
         parts.sort(key=lambda p: p[0].offset)
         results = [r for _, r in parts]
         spoken = [r for r in results if r.text] or results
@@ -387,5 +475,5 @@ class WhisperEngine:
             duration=round(total_duration, 3),
             segments=segments,
             uncertainty=u,
-            model_version=self.model_version,
+            model_version=version,
         )

@@ -32,6 +32,14 @@ def _url(value: str) -> str:
     return value.rstrip("/")
 
 
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        if value not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}")
+        return value
+    return parse
+
+
 def setting(default: Any, env: str, help: str, *, secret: bool = False, parse: Callable[[str], Any] | None = None,
             group: str = "serving") -> Any:
     """A settings field: its environment variable, one line of help, and how to parse it."""
@@ -60,9 +68,13 @@ class Settings:
                              "(faster; check WER with `loopscribe bench engine`)", group="model")
     cpu_threads: int = setting(0, "WHISPER_CPU_THREADS", "torch intra-op threads on CPU; 0 keeps torch's default",
                                group="model")
-    live_models_max: int = setting(3, "LIVE_MODELS_MAX", "models a backend or worker keeps loaded at once (one per "
-                                   "live version serving some project; least recently used unloaded first)",
-                                   group="model")
+    serve_adapters: str = setting("shared", "SERVE_ADAPTERS", "`shared`: one base model in memory, each live "
+                                  "project's LoRA adapter beside it (a few MiB per project); `merged`: one model per "
+                                  "live version with its adapter merged in (a full model each; quantized CPU serving "
+                                  "always merges)", parse=_choice("shared", "merged"), group="model")
+    live_models_max: int = setting(3, "LIVE_MODELS_MAX", "whole models a backend or worker keeps loaded at once "
+                                   "(base models, or merged ones with SERVE_ADAPTERS=merged); least recently used "
+                                   "unloaded first", group="model")
     cache_size: int = setting(2048, "WHISPER_CACHE_SIZE", "transcriptions kept in memory, keyed by audio hash + "
                               "model version + options", group="model")
 

@@ -8,8 +8,10 @@ through :func:`load_whisper` and both ask :func:`pick_device` / :func:`pick_dtyp
 from __future__ import annotations
 
 import logging
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
@@ -62,6 +64,14 @@ def avoid_cudnn_attention() -> None:
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 
+@contextmanager
+def quiet_peft() -> Iterator[None]:
+    """peft asks transformers 5.x a deprecated question on every wrap; the FutureWarning is for peft, not users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 @dataclass
 class Whisper:
     """A loaded checkpoint: the model and what reads its inputs and outputs."""
@@ -81,8 +91,11 @@ def load_whisper(path: str, *, dtype: torch.dtype = torch.float32, adapter: str 
         WhisperTokenizer,
     )
     from transformers.models.whisper.tokenization_whisper import LANGUAGES
+    from transformers.utils import logging as hf_logging
 
     from .decoding import SpecialTokens
+
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per load is noise; our own bars show the work
 
     tokenizer = WhisperTokenizer.from_pretrained(path)
     feature_extractor = WhisperFeatureExtractor.from_pretrained(path)
@@ -92,6 +105,7 @@ def load_whisper(path: str, *, dtype: torch.dtype = torch.float32, adapter: str 
         from peft import PeftModel
 
         log.info("merging LoRA adapter %s", adapter)
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        with quiet_peft():
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     special = SpecialTokens.from_tokenizer(tokenizer, list(LANGUAGES), is_multilingual(model.config.vocab_size))
     return Whisper(model, tokenizer, feature_extractor, special)

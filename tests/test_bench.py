@@ -130,9 +130,9 @@ def test_bench_adapters_measures_both_strategies_and_they_agree(tmp_path, settin
                                       "--json", str(out)])
     assert args.func(args, settings) == 0
     rows = json.loads(out.read_text())
-    assert [(r["strategy"], r["adapters"]) for r in rows] == [("merged", 1), ("multi", 1), ("merged", 2),
-                                                              ("multi", 2)]
+    assert [(r["strategy"], r["adapters"]) for r in rows] == [("merged", 1), ("shared", 1), ("merged", 2),
+                                                              ("shared", 2)]
     assert all(r["speed"] > 0 and r["resident_mb"] > 0 and r["peak_mb"] >= r["resident_mb"] for r in rows)
-    merged, multi = rows[2], rows[3]
-    assert len(merged["texts"]) == 2 and merged["texts"] == multi["texts"]  # same adapters, same transcripts
+    merged, shared = rows[2], rows[3]
+    assert len(merged["texts"]) == 2 and merged["texts"] == shared["texts"]  # same adapters, same transcripts
     assert merged["resident_mb"] > rows[0]["resident_mb"]  # a second merged model costs a second model

@@ -146,3 +146,46 @@ def test_temperature_fallback_runs_every_temperature_and_is_reproducible(engine,
     assert temperatures == [0.0, 0.5, 1.0] * 2
     assert first.text == second.text and first.uncertainty == second.uncertainty
     assert not first.uncertainty.looks_like_repetition
+
+
+def test_an_adapter_beside_the_shared_base_decodes_as_its_merged_model(settings, clip, tmp_path):
+    """SERVE_ADAPTERS=shared: one base with a project's LoRA adapter beside it gives the merged model's
+    transcripts and scores, and the base's own requests stay the base's while the adapter is loaded."""
+    from dataclasses import replace
+
+    import torch
+    from peft import get_peft_model
+
+    from ml_backend.engine import WhisperEngine
+    from ml_backend.model_store import resolve_base
+    from ml_backend.whisper import load_whisper, quiet_peft
+    from training.lora import LoraArguments, lora_config
+
+    base = resolve_base(settings)
+    with quiet_peft():
+        peft_model = get_peft_model(load_whisper(base.path).model, lora_config(LoraArguments.from_settings(settings)))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:  # a trained adapter's size of change: the scores move, the words mostly not
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.01)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    version = f"{base.version}-lora001-test"
+    merged = WhisperEngine(settings, resolved=replace(base, version=version, adapter=str(tmp_path / "adapter"),
+                                                      base_version=base.version))
+    shared = WhisperEngine(settings, resolved=base)
+    audio = [clip("jfk_en.flac"), clip("dictee_fr.aiff")]
+    before = shared.transcribe(audio)
+    view = shared.with_adapter(version, str(tmp_path / "adapter"))
+    adapted, expected = view.transcribe(audio), merged.transcribe(audio)
+    after = shared.transcribe(audio)
+    shared.clear_cache()
+    assert [t.model_version for t in adapted] == [version] * 2 and after[0].model_version == base.version
+    for a, m, b in zip(adapted, expected, shared.transcribe(audio)):
+        assert a.text == m.text and a.language == m.language
+        assert a.confidence == pytest.approx(m.confidence, abs=1e-4)
+        assert a.uncertainty.mean_logprob == pytest.approx(m.uncertainty.mean_logprob, abs=1e-5)
+        moved = sum(abs(getattr(a.uncertainty, k) - getattr(b.uncertainty, k))
+                    for k in ("mean_logprob", "mean_entropy", "max_entropy"))
+        assert moved > 1e-3  # the adapter is really on: 100 times what merged and shared differ by
+    assert [(t.text, t.confidence) for t in shared.transcribe(audio)] == [(t.text, t.confidence) for t in before]

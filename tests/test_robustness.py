@@ -450,7 +450,7 @@ def test_malformed_tasks_get_empty_results_and_the_rest_is_predicted(settings, e
     client = create_app(s, engine).test_client()
     calls: list[int] = []
     transcribe = engine.transcribe
-    client.application.config["service"].live._engine = type("Spy", (), {
+    client.application.config["service"].live._pinned = type("Spy", (), {
         "model_version": engine.model_version,
         "transcribe": lambda self, clips, *a, **k: calls.append(len(clips)) or transcribe(clips, *a, **k)})()
     good = {"id": 9, "data": {"audio": "/data/upload/1/comfy.wav"}}

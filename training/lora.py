@@ -34,6 +34,7 @@ from ml_backend.whisper import (
     load_whisper,
     pick_device,
     pick_dtype,
+    quiet_peft,
 )
 
 from .dataset import Example
@@ -157,7 +158,8 @@ def train_lora(
     tokenizer, features, special, model = loaded.tokenizer, loaded.feature_extractor, loaded.special, loaded.model
     model.config.use_cache = False
 
-    model = get_peft_model(model, lora_config(args))
+    with quiet_peft():
+        model = get_peft_model(model, lora_config(args))
     if device == "cuda":
         avoid_cudnn_attention()  # variable-length batches: a cuDNN plan per shape made epoch 1 2.9x slower
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

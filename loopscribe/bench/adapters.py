@@ -1,12 +1,13 @@
 """``loopscribe bench adapters``: memory and throughput with several projects' models live at once.
 
-Each project has its own LoRA adapter over one shared base. Two ways to serve them side by side:
+Each project has its own LoRA adapter over one shared base. Two ways to serve them side by side,
+both the product's own (``SERVE_ADAPTERS``):
 
 - ``merged``: one model per live version with its adapter merged in (``merge_and_unload``), kept in
   a small LRU pool. Decoding costs what the base costs; every live version costs a full model.
-- ``multi``: one base with every adapter loaded through peft (``load_adapter``) and switched per
-  batch (``set_adapter``). Every live version costs only its adapter; every decoding step pays
-  the unmerged LoRA matmuls.
+- ``shared``: one base with every adapter loaded beside it through peft and switched per batch
+  (:meth:`~ml_backend.engine.WhisperEngine.with_adapter`). Every live version costs only its
+  adapter; every decoding step pays the unmerged LoRA matmuls.
 
 Each configuration (strategy × number of live adapters) runs in a fresh process, so its resident
 and peak memory are its own. The adapters are LoRA deltas with the training recipe's shape
@@ -24,22 +25,23 @@ import json
 import multiprocessing
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
 
 from ml_backend.settings import Settings
+from ml_backend.transcription import Transcriber
 
 from ..demo import ReferenceClip, shared_clips
 
-STRATEGIES = ("merged", "multi")
+STRATEGIES = ("merged", "shared")
 
 
 @dataclass
 class AdapterRow:
     strategy: str
     adapters: int
-    load_seconds: float  # loading every live adapter's model (merged) or the base + adapters (multi)
+    load_seconds: float  # loading every live adapter's model (merged) or the base + adapters (shared)
     resident_mb: float  # process memory after loading, before decoding
     peak_mb: float  # process high-water mark, decoding included
     audio_seconds: float
@@ -67,11 +69,12 @@ def make_adapters(settings: Settings, count: int, out: Path, scale: float = 1e-3
     from peft import get_peft_model
 
     from ml_backend.model_store import resolve_base
-    from ml_backend.whisper import load_whisper
+    from ml_backend.whisper import load_whisper, quiet_peft
     from training.lora import LoraArguments, lora_config
 
     base = resolve_base(settings, install_missing=True)
-    model = get_peft_model(load_whisper(base.path).model, lora_config(LoraArguments.from_settings(settings)))
+    with quiet_peft():
+        model = get_peft_model(load_whisper(base.path).model, lora_config(LoraArguments.from_settings(settings)))
     generator = torch.Generator().manual_seed(0)
     paths = []
     for i in range(count):
@@ -91,7 +94,6 @@ def _measure(strategy: str, settings: Settings, adapters: list[str], clip_paths:
     import torch
 
     from ml_backend.audio import decode_audio, duration
-    from ml_backend.decoding import WhisperDecoder
     from ml_backend.engine import WhisperEngine
     from ml_backend.model_store import resolve_base
     from ml_backend.transcription import TranscribeOptions
@@ -103,30 +105,17 @@ def _measure(strategy: str, settings: Settings, adapters: list[str], clip_paths:
     del engine
     resident_before, _ = _memory_mb()
     started = time.perf_counter()
+    versions = [f"{base.version}-adapter{i}" for i in range(len(adapters))]
+    engines: list[Transcriber]
     if strategy == "merged":
-        engines = [WhisperEngine(settings, resolved=replace(base, version=f"{base.version}-adapter{i}", adapter=a,
-                                                           base_version=base.version))
-                   for i, a in enumerate(adapters)]
-
-        def transcribe(i: int) -> list[str]:
-            return [t.text for t in engines[i].transcribe(clips, TranscribeOptions())]
+        engines = [WhisperEngine(settings, resolved=replace(base, version=v, adapter=a, base_version=base.version))
+                   for v, a in zip(versions, adapters)]
     else:
-        from peft import PeftModel
-
         shared = WhisperEngine(settings, resolved=base)
-        model = PeftModel.from_pretrained(shared.model, adapters[0], adapter_name="a0")
-        for i, a in enumerate(adapters[1:], 1):
-            model.load_adapter(a, adapter_name=f"a{i}")
-        model.eval()
-        inner: Any = model.base_model.model  # the Whisper model with LoRA layers injected
-        config = inner.config
-        shared.model = inner
-        shared.decoder = WhisperDecoder(inner, shared.special, list(config.suppress_tokens or []),
-                                        list(config.begin_suppress_tokens or []))
+        engines = [shared.with_adapter(v, a) for v, a in zip(versions, adapters)]
 
-        def transcribe(i: int) -> list[str]:
-            model.set_adapter(f"a{i}")
-            return [t.text for t in shared.transcribe(clips, TranscribeOptions())]
+    def transcribe(i: int) -> list[str]:
+        return [t.text for t in engines[i].transcribe(clips, TranscribeOptions())]
     load_seconds = time.perf_counter() - started
     resident, _ = _memory_mb()
     transcribe(0)  # warm-up (first-call allocations), not timed
@@ -146,7 +135,10 @@ def bench_adapters(args: argparse.Namespace, settings: Settings) -> int:
 
     counts = sorted({int(n) for n in args.adapters.split(",")})
     settings = replace(settings, cache_size=0)  # every batch decoded, never answered from the cache
-    clips: list[ReferenceClip] = [c for c in shared_clips() if c.path.stat().st_size < 1_000_000][: args.clips]
+    from ml_backend.audio import decode_audio, duration
+
+    # utterance-length real clips, as Label Studio tasks are (the 60 s two-language file is left out)
+    clips: list[ReferenceClip] = [c for c in shared_clips() if duration(decode_audio(c.path)) <= 30][: args.clips]
     base = resolve_base(settings, install_missing=True)
     print(f"{base.version} on {settings.device}, quantize={settings.quantize}; {len(clips)} real clips per batch, "
           f"{args.batches} batches round-robin over the live adapters; each configuration in a fresh process")
@@ -156,9 +148,9 @@ def bench_adapters(args: argparse.Namespace, settings: Settings) -> int:
         context = multiprocessing.get_context("spawn")
         for n in counts:
             for strategy in STRATEGIES:
-                with context.Pool(1) as pool:
-                    row = AdapterRow(**pool.apply(_measure, (strategy, settings, adapters[:n],
-                                                             [str(c.path) for c in clips], args.batches)))
+                with ProcessPoolExecutor(1, mp_context=context) as pool:
+                    row = AdapterRow(**pool.submit(_measure, strategy, settings, adapters[:n],
+                                                   [str(c.path) for c in clips], args.batches).result())
                 rows.append(row)
                 print(f"  {strategy:6s} {n:3d} live: load {row.load_seconds:6.1f} s, +{row.resident_mb:7.0f} MiB "
                       f"resident, peak +{row.peak_mb:7.0f} MiB, {row.speed:6.1f}x real time", flush=True)
