@@ -151,6 +151,7 @@ Loopscribe is up.
   Label Studio:  {url}/projects/{project}/data
   login:         {values["LABEL_STUDIO_USERNAME"]} / {values["LABEL_STUDIO_PASSWORD"]}
   ML backend:    {settings.backend_url} (connected to project {project}, basic auth, webhook secret)
+  dashboard:     {settings.backend_url}/dashboard (login {settings.basic_auth_user} / BASIC_AUTH_PASS in .env)
   worker:        job queue {settings.home / "queue.db"} (loopscribe predict --project N --queue)
   model:         {ls.projects.get(id=project).model_version}, uncertainty sampling on
   least certain: curl -s -H "Authorization: Token $LABEL_STUDIO_API_KEY" {url}/api/projects/{project}/next

@@ -1,7 +1,5 @@
-"""gunicorn entry point: ``gunicorn 'loopscribe.wsgi:app'`` — the backend with the job queue wired in."""
+"""gunicorn entry point: ``gunicorn 'loopscribe.wsgi:app'`` — the backend with the job queue and dashboard."""
 
-from ml_backend.app import create_app
+from .backend import create_backend
 
-from .jobs import enqueue_training_job
-
-app = create_app(warm_up=True, enqueue_job=enqueue_training_job)
+app = create_backend()

@@ -70,11 +70,15 @@ def test_product_code_never_imports_benchmarks():
 
 
 def test_serving_path_loads_no_benchmark_or_synthetic_speech_code():
-    """What gunicorn's ``loopscribe.wsgi`` imports (app, jobs, stack), measured in a fresh interpreter."""
-    code = ("import json, sys; import ml_backend.app, loopscribe.jobs, loopscribe.stack, loopscribe.proxy; "
+    """What gunicorn's ``loopscribe.wsgi`` imports (the backend with jobs and dashboard), in a fresh interpreter."""
+    code = ("import json, sys; import loopscribe.backend, loopscribe.stack, loopscribe.proxy; "
             "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('loopscribe', 'training')))))")
     loaded = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                                        cwd=ROOT).stdout)
     assert not [m for m in loaded if m.startswith(("loopscribe.bench", "loopscribe.demo"))], loaded
     wsgi = imports_of(ROOT / "loopscribe" / "wsgi.py", "loopscribe")
-    assert wsgi <= {"ml_backend.app", "loopscribe.jobs"}, wsgi
+    assert wsgi <= {"loopscribe.backend"}, wsgi
+    backend = {m for m in imports_of(ROOT / "loopscribe" / "backend.py", "loopscribe")
+               if m.partition(".")[0] in ("loopscribe", "ml_backend", "training") and m != "loopscribe"}
+    assert backend <= {"ml_backend.app", "ml_backend.settings", "loopscribe.jobs", "loopscribe.dashboard",
+                       "loopscribe.labelstudio", "training.export"}, backend

@@ -166,6 +166,10 @@ def test_corrections_reach_threshold_train_promote_and_rescore(loop, ls, engine,
     assert other["serving"]["version"] == live_before == status["live_model_version"]
     listing = cli(loop, "models", "list", "--project", str(project)).stdout
     assert job.version in listing and f"project-{project}" in listing
+    page = requests.get(f"{s.backend_url}/dashboard", auth=(s.basic_auth_user, s.basic_auth_pass), timeout=30)
+    assert page.status_code == 200 and f'<code class="serving">{job.version}</code> (project-{project})' in page.text
+    assert f'<section class="project" id="project-{bystander}">' not in page.text or \
+        f'<code class="serving">{live_before}</code>' in page.text
     assert mine["training"]["corrections_since_training"] == 0
     assert mine["training"]["recent_jobs"][0]["state"] == "promoted"
     metrics = requests.get(f"{s.backend_url}/metrics", auth=(s.basic_auth_user, s.basic_auth_pass), timeout=10).text
