@@ -548,6 +548,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="override TRAIN_EPOCHS")
     p.add_argument("--keep", action="store_true", help="keep the project and the new live version")
     p.set_defaults(func=cmd_bench)
+    p = bench.add_parser("words", help="how often a \"Model unsure\" region holds a real error (precision, recall)")
+    p.add_argument("--corpus", type=Path, help="a folder with transcripts.json (e.g. from `bench corpus`); default: "
+                   "the shared real recordings")
+    p.add_argument("--limit", type=int, default=200, help="clips from the corpus (default 200)")
+    p.add_argument("--threshold", type=float, action="append", help="word probability thresholds (repeatable; "
+                   "default 0.3, 0.5, 0.7)")
+    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    p.set_defaults(func=cmd_bench)
     p = bench.add_parser("adapters", help="memory and throughput with 1, 3, 10 projects' models live at once: "
                          "merged models vs one base with peft adapters")
     p.add_argument("--adapters", default="1,3,10", help="numbers of live adapters to measure (comma-separated)")

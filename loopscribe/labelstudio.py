@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import requests
 from label_studio_sdk import LabelStudio
+from label_studio_sdk.label_interface import LabelInterface
 
 from ml_backend.audio import (
     SAMPLE_RATE,
@@ -229,7 +230,9 @@ def predict_project(
     from tqdm import tqdm
 
     version = engine.model_version
-    config = parse_label_config(ls.projects.get(id=project).label_config)
+    label_config = ls.projects.get(id=project).label_config or ""
+    config = parse_label_config(label_config)
+    interface = LabelInterface(label_config)
     options = TranscribeOptions.for_project(config.language_values)  # only the project's languages
     fetcher = AudioFetcher(settings)
     report = PredictReport()
@@ -264,14 +267,40 @@ def predict_project(
             report.failed.update({t.id: a for t, a in zip(batch, loaded) if isinstance(a, str)})
             if clips:
                 transcripts = engine.transcribe(clips, options)
-                predictions = [to_prediction(t, config) | {"task": i} for i, t in zip(ids, transcripts)]
-                ls.projects.import_predictions(id=project, request=predictions)  # type: ignore[arg-type]  # dicts
-                report.predicted += len(predictions)
+                predictions = checked_predictions(
+                    interface, [to_prediction(t, config, settings.unsure_word_probability) | {"task": i}
+                                for i, t in zip(ids, transcripts)], report, config.unsure_name)
+                created = ls.projects.import_predictions(id=project, request=predictions).created  # type: ignore[arg-type]
+                if created is not None and created < len(predictions):  # Label Studio drops what it finds invalid
+                    log.warning("project %s: Label Studio kept %d of %d predictions", project, created,
+                                len(predictions))
+                report.predicted += created if created is not None else len(predictions)
                 report.audio_seconds += sum(c.size for c in clips) / SAMPLE_RATE
             bar.update(len(batch))
     if report.predicted or holding_version:  # Label Studio refuses a version no prediction carries
         ls.projects.update(id=project, model_version=version, sampling=UNCERTAINTY_SAMPLING)
     return report
+
+
+def checked_predictions(interface: LabelInterface, predictions: list[dict], report: PredictReport,
+                        optional_control: str | None) -> list[dict]:
+    """Predictions as Label Studio will accept them. Its bulk import drops an invalid prediction without saying
+    which; so each is validated here first (Label Studio's own validator). One that fails only because of its
+    optional regions (``optional_control``: the "unsure" Labels) is sent without them; one that fails otherwise
+    is reported, not sent."""
+    accepted = []
+    for p in predictions:
+        errors = interface.validate_prediction(p, return_errors=True)
+        if errors:
+            plain = p | {"result": [r for r in p["result"] if r.get("from_name") != optional_control]}
+            if not interface.validate_prediction(plain, return_errors=True):
+                log.warning("task %s: regions left out: %s", p["task"], "; ".join(errors)[:300])
+                accepted.append(plain)
+            else:
+                report.failed[p["task"]] = "Label Studio would refuse the prediction: " + "; ".join(errors)[:300]
+            continue
+        accepted.append(p)
+    return accepted
 
 
 def submit_transcript(ls: LabelStudio, task, text: str, language: str | None = None) -> int:

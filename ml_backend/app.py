@@ -147,7 +147,7 @@ class PredictionService:
                 good = [(i, clip_) for i, clip_ in zip(part, loaded) if clip_ is not None]
                 transcripts = engine.transcribe([c for _, c in good], options) if good else []
                 for (i, _), t in zip(good, transcripts):
-                    results[i] = to_prediction(t, config)
+                    results[i] = to_prediction(t, config, self.settings.unsure_word_probability)
                 if metrics:
                     metrics.tasks.labels("ok").inc(len(good))
                     metrics.tasks.labels("error").inc(len(part) - len(good))

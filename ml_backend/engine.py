@@ -21,12 +21,13 @@ import numpy as np
 import torch
 
 from . import audio as audio_lib
+from .alignment import WordAligner
 from .decoding import DecodedSequence, WhisperDecoder
 from .errors import ConfigurationError
 from .live import live_model, served_version
 from .model_store import ResolvedModel, resolve_base
 from .settings import Settings
-from .transcription import Segment, TranscribeOptions, Transcription
+from .transcription import Segment, TranscribeOptions, Transcription, Word
 from .uncertainty import (
     LOGPROB_THRESHOLD,
     NO_SPEECH_THRESHOLD,
@@ -103,6 +104,7 @@ class _WindowResult:
     n_tokens: int
     duration: float
     speech: bool = field(default=True)
+    words: list[Word] = field(default_factory=list)
 
 
 class WhisperEngine:
@@ -138,6 +140,8 @@ class WhisperEngine:
         self.decoder = WhisperDecoder(
             model_, self.special, list(config.suppress_tokens or []), list(config.begin_suppress_tokens or [])
         )
+        heads = getattr(getattr(model_, "generation_config", None), "alignment_heads", None)
+        self.aligner = WordAligner(model_, self.tokenizer, heads)
         self._lock = threading.Lock()
         self._cache: OrderedDict[tuple, Transcription] = OrderedDict()
         self._peft: Any = None  # the peft wrapper once an adapter was added (the model is modified in place)
@@ -367,10 +371,23 @@ class WhisperEngine:
             if not pending:
                 break
         chosen = [b for b in best if b is not None]  # every window was decoded at least once (greedy)
-        return [
+        results = [
             self._window_result(w, seq, u, lang, lp)
             for w, (seq, u), lang, lp in zip(windows, chosen, languages, language_probs)
         ]
+        if options.word_timestamps:
+            for k, (window, result, (seq, _)) in enumerate(zip(windows, results, chosen)):
+                if result.speech and result.segments:
+                    result.words = self._words(encoded[k : k + 1], seq, window, result.language, options.task)
+        return results
+
+    def _words(self, encoded: torch.Tensor, seq: DecodedSequence, window: _Window, language: str,
+               task: str) -> list[Word]:
+        """The window's words with timings (cross-attention alignment) and decoded probabilities."""
+        positions = [i for i, tok in enumerate(seq.tokens) if tok < self.special.eot]
+        prompt = self.decoder.prompt(language if self.special.multilingual else None, task, timestamps=False)
+        return self.aligner.words(encoded, prompt, [seq.tokens[i] for i in positions],
+                                  [seq.logprobs[i] for i in positions], window.duration, language, window.offset)
 
     @staticmethod
     def _better(new: Uncertainty, old: Uncertainty) -> bool:
@@ -466,6 +483,7 @@ class WhisperEngine:
         # A clip is as uncertain as its least certain spoken window.
         score = min(confidence(r.uncertainty) for r in spoken)
         segments = tuple(s for r in results for s in r.segments)
+        words = tuple(w for r in results for w in r.words)
         text = " ".join(r.text for r in results if r.text)
         return Transcription(
             text=text,
@@ -476,4 +494,5 @@ class WhisperEngine:
             segments=segments,
             uncertainty=u,
             model_version=version,
+            words=words,
         )

@@ -11,6 +11,7 @@ from functools import lru_cache
 from .errors import ConfigurationError
 
 AUDIO_TAGS = {"audio", "audioplus"}
+UNSURE = "unsure"  # the alias (or value) of the Label that marks where the model is unsure
 
 
 class LabelConfigError(ConfigurationError):
@@ -27,6 +28,8 @@ class TranscriptionConfig:
     segment_labels_name: str | None = None  # Labels for per-region segments
     segment_label: str | None = None
     segment_text_name: str | None = None  # perRegion TextArea
+    unsure_name: str | None = None  # Labels for the stretches the model is least sure of (a Label aliased "unsure")
+    unsure_label: str | None = None  # as results store it: the Label's alias, else its value
 
     @property
     def has_segments(self) -> bool:
@@ -77,7 +80,16 @@ def parse_label_config(xml: str) -> TranscriptionConfig:
             language_name, language_values = t.get("name"), values
             break
 
-    labels = next((t for t in tags if t.tag == "Labels" and _targets(t, audio_name)), None)
+    def marks_unsure(t: ET.Element) -> bool:
+        return any(UNSURE in ((label.get("alias") or "").lower(), (label.get("value") or "").lower())
+                   for label in t.iter("Label"))
+
+    audio_labels = [t for t in tags if t.tag == "Labels" and _targets(t, audio_name)]
+    unsure = next((t for t in audio_labels if marks_unsure(t)), None)
+    unsure_label = next((label.get("alias") or label.get("value") for label in unsure.iter("Label")
+                         if UNSURE in ((label.get("alias") or "").lower(), (label.get("value") or "").lower())),
+                        None) if unsure is not None else None
+    labels = next((t for t in audio_labels if t is not unsure), None)
     segment_label = None
     if labels is not None:
         first = next(labels.iter("Label"), None)
@@ -92,6 +104,8 @@ def parse_label_config(xml: str) -> TranscriptionConfig:
         segment_labels_name=labels.get("name") if labels is not None and region_text else None,
         segment_label=segment_label,
         segment_text_name=region_text if labels is not None else None,
+        unsure_name=unsure.get("name") if unsure is not None else None,
+        unsure_label=unsure_label,
     )
     if not config.transcript_name and not config.has_segments:
         raise LabelConfigError(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from .alignment import unsure_stretches
 from .label_config import TranscriptionConfig
 from .transcription import Transcription
 
 
-def to_result(t: Transcription, config: TranscriptionConfig) -> list[dict]:
-    """Result items: transcript TextArea, language Choices, and per-region segments when configured."""
+def to_result(t: Transcription, config: TranscriptionConfig, unsure_below: float = 0.0) -> list[dict]:
+    """Result items: transcript TextArea, language Choices, per-region segments when configured, and a region
+    on every stretch of words less probable than ``unsure_below`` when the config has an "unsure" Label."""
     items: list[dict] = []
     if config.transcript_name:
         items.append({
@@ -27,9 +29,16 @@ def to_result(t: Transcription, config: TranscriptionConfig) -> list[dict]:
                                    "value": timing | {"labels": [config.segment_label]}})
             items.append(region | {"from_name": config.segment_text_name, "type": "textarea",
                                    "value": timing | {"text": [s.text]}})
+    if config.unsure_name and config.unsure_label and unsure_below > 0:
+        for i, (start, end, _words) in enumerate(unsure_stretches(t.words, unsure_below)):
+            items.append({"id": f"unsure{i}", "from_name": config.unsure_name, "to_name": config.audio_name,
+                          "type": "labels", "origin": "prediction",
+                          "value": {"start": start, "end": max(end, start + 0.1), "channel": 0,
+                                    "labels": [config.unsure_label]}})
     return items
 
 
-def to_prediction(t: Transcription, config: TranscriptionConfig) -> dict:
+def to_prediction(t: Transcription, config: TranscriptionConfig, unsure_below: float = 0.0) -> dict:
     """One /predict item: result, score (= confidence, lower is less sure) and model_version."""
-    return {"result": to_result(t, config), "score": round(t.confidence, 6), "model_version": t.model_version}
+    return {"result": to_result(t, config, unsure_below), "score": round(t.confidence, 6),
+            "model_version": t.model_version}

@@ -75,6 +75,9 @@ class Settings:
     live_models_max: int = setting(3, "LIVE_MODELS_MAX", "whole models a backend or worker keeps loaded at once "
                                    "(base models, or merged ones with SERVE_ADAPTERS=merged); least recently used "
                                    "unloaded first", group="model")
+    unsure_word_probability: float = setting(0.5, "UNSURE_WORD_PROBABILITY", "each stretch of words less probable "
+                                             "than this becomes a region to listen to (with a Label aliased "
+                                             "`unsure` in the label config); 0 predicts none", group="model")
     cache_size: int = setting(2048, "WHISPER_CACHE_SIZE", "transcriptions kept in memory, keyed by audio hash + "
                               "model version + options", group="model")
 

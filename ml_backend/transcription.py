@@ -26,6 +26,8 @@ class TranscribeOptions:
     """Detect only among these (a project's languages); a single one is forced, no detection."""
     timestamps: bool = True
     """Predict segment timestamps (costs two tokens per segment)."""
+    word_timestamps: bool = True
+    """Time every word from cross-attention (one extra decoder pass per window) and give it a probability."""
     temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
     """Greedy first; hotter sampling only for windows that loop or are improbable (Whisper's fallback)."""
 
@@ -58,7 +60,17 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class Word:
+    start: float
+    end: float
+    text: str
+    probability: float  # product of its tokens' probabilities under the decoder
+
+
+@dataclass(frozen=True)
 class Transcription:
+    """One clip's transcript; ``words`` (with timings and probabilities) when word timestamps were asked for."""
+
     text: str
     language: str
     language_probability: float
@@ -67,6 +79,7 @@ class Transcription:
     segments: tuple[Segment, ...]
     uncertainty: Uncertainty
     model_version: str
+    words: tuple[Word, ...] = ()
 
     @property
     def languages(self) -> list[str]:
@@ -79,6 +92,7 @@ class Transcription:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["segments"] = [asdict(s) for s in self.segments]
+        d["words"] = [asdict(w) for w in self.words]
         d["languages"] = self.languages
         return d
 

@@ -54,6 +54,65 @@ def ranked_project(live, ls, engine, shared_audio):
     return project
 
 
+def test_predictions_mark_where_the_model_is_unsure(live, ls, ranked_project, shared_audio, engine):
+    """The default config's "unsure" Labels: a region on each stretch of improbable words, which Label Studio
+    accepts in a prediction and keeps in an annotation started from it."""
+    s, paths, _ = live
+    tasks = {Path(t.data["source_file"]).name: t for t in ls.tasks.list(project=ranked_project, fields="all")}
+    regions = {name: [r for r in t.predictions[0].result if r["type"] == "labels" and r["from_name"] == "unsure"]
+               for name, t in tasks.items()}
+    comfy = regions["comfyui_en.mp3"]  # base Whisper mishears "ComfyUI": that is where to listen
+    assert comfy and all(r["value"]["labels"] == ["unsure"] for r in comfy), tasks["comfyui_en.mp3"]
+    assert any(r["value"]["start"] < 2.0 < r["value"]["end"] + 0.5 for r in comfy), comfy
+    assert sum(map(len, regions.values())) < 4 * len(regions)  # guidance, not every word
+    project = labelstudio.create_project(ls, "unsure regions", CONFIG)
+    labelstudio.import_audio(ls, s, project, [shared_audio / "comfyui_en.mp3"], media_root=paths.media,
+                             progress=False)
+    labelstudio.predict_project(ls, s, project, engine, progress=False)
+    (task,) = ls.tasks.list(project=project, fields="all")
+    annotation = labelstudio.submit_transcript(ls, task, "Then you go into your ComfyUI folder again", "en")
+    kept = [r for r in ls.annotations.get(id=annotation).result if r["type"] == "labels"]
+    assert kept and kept[0]["value"]["labels"] == ["unsure"]
+
+
+def test_labeling_page_shows_the_prediction_in_a_real_browser(live, ls, ranked_project, tmp_path):
+    """Headless Chromium logs in to Label Studio and opens a task: the transcript, the language and the
+    "Model unsure" region the backend predicted are what the annotator sees (read from the rendered page,
+    not compared pixel by pixel)."""
+    from browser import Browser
+    from dotenv import dotenv_values
+
+    from ml_backend.annotations import extract
+
+    s, _, env_file = live
+    login = dotenv_values(env_file)
+    task = next(t for t in ls.tasks.list(project=ranked_project, fields="all")
+                if Path(t.data["source_file"]).name == "comfyui_en.mp3")
+    predicted = extract(task.predictions[0].result)
+    browser = Browser()
+    try:
+        browser.goto(f"{s.label_studio_url}/user/login/")
+        browser.evaluate(f"""(() => {{
+            document.querySelector('input[name=email]').value = {json.dumps(login["LABEL_STUDIO_USERNAME"])};
+            document.querySelector('input[name=password]').value = {json.dumps(login["LABEL_STUDIO_PASSWORD"])};
+            document.querySelector('form').submit(); }})()""")
+        browser.wait_for("!location.pathname.startsWith('/user/login')")
+        browser.goto(f"{s.label_studio_url}/projects/{ranked_project}/data?task={task.id}")
+        shown = browser.wait_for(f"document.body.innerText.includes({json.dumps(predicted.text)}) "
+                                 "&& document.body.innerText", timeout=120)
+        selected = browser.evaluate("[...document.querySelectorAll('.lsf-choices [data-value]')]"
+                                    ".map(e => e.dataset.value).join('|')")
+        shot = browser.screenshot(tmp_path / "labeling.png")
+    finally:
+        browser.close()
+    assert predicted.text in shown and predicted.language == "en"
+    assert selected == "English (en)", selected  # the language Choices shows the predicted language
+    assert shown.count("Model unsure") >= 2, shown  # the label, and the predicted region in the regions list
+    import matplotlib.image
+
+    assert matplotlib.image.imread(shot).shape[1] == 1366
+
+
 def test_next_serves_least_confident_first(live, ls, ranked_project, engine):
     project = ls.projects.get(id=ranked_project)
     assert project.model_version == engine.model_version and project.sampling == labelstudio.UNCERTAINTY_SAMPLING

@@ -33,7 +33,7 @@ class EvalReport:
 
 
 def evaluate(engine: Transcriber, examples: Sequence[Example],
-             options: TranscribeOptions = TranscribeOptions()) -> EvalReport:
+             options: TranscribeOptions = TranscribeOptions(word_timestamps=False)) -> EvalReport:
     """Transcribe the held-out clips as serving would (language detected, unless ``options`` force one)
     and score against annotations."""
     clips = [e.audio for e in examples]

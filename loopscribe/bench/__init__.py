@@ -23,6 +23,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "loop": ("loop", "bench_loop"),
     "corpus": ("corpus", "bench_corpus"),
     "adapters": ("adapters", "bench_adapters"),
+    "words": ("words", "bench_words"),
 }
 
 

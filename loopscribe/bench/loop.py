@@ -153,7 +153,7 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
     curve = Curve(strategy, seed=seed)
     work = Path(tempfile.mkdtemp(prefix="bench-loop-", dir=settings.home))
     rng = random.Random(seed)
-    forced = TranscribeOptions(language=args.force_language) if args.force_language else None
+    forced = TranscribeOptions(language=args.force_language, word_timestamps=False) if args.force_language else None
     try:
         labelstudio.import_audio(ls, settings, project, [c.path for c in pool], media_root=media, progress=False)
         labelstudio.predict_project(ls, settings, project, base_engine, progress=False)  # content-hash cache: fast
