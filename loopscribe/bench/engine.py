@@ -85,14 +85,18 @@ def bench_engine(args: argparse.Namespace, settings: Settings) -> int:
         ct2_path = resolved.ct2_path or str(Path(resolved.path).parent / "ct2")
         model_rows: list[BenchRow] = []
 
-        variants: list[tuple[str, Settings]]
+        # served options (word timings on), plus one row without word timings: what the regions cost
+        served, no_words = TranscribeOptions(), TranscribeOptions(word_timestamps=False)
+        variants: list[tuple[str, Settings, TranscribeOptions]]
         if cuda:
-            variants = [(f"transformers {dtype}", replace(settings, dtype=dtype))
+            variants = [(f"transformers {dtype}", replace(settings, dtype=dtype), served)
                         for dtype in ("float16", "bfloat16", "float32")]
+            variants.append(("transformers bfloat16, no word timings", replace(settings, dtype="bfloat16"), no_words))
         else:
-            variants = [("transformers fp32", settings),
-                        ("transformers int8-dynamic", replace(settings, quantize=True))]
-        for label, variant in variants:
+            variants = [("transformers fp32", settings, served),
+                        ("transformers fp32, no word timings", settings, no_words),
+                        ("transformers int8-dynamic", replace(settings, quantize=True), served)]
+        for label, variant, options in variants:
             for batch in args.batch_size or [settings.batch_size]:
                 engine = WhisperEngine(replace(variant, batch_size=batch), model)
                 engine.transcribe(audio[:1])  # warm-up
@@ -100,9 +104,9 @@ def bench_engine(args: argparse.Namespace, settings: Settings) -> int:
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
 
-                def run(engine: WhisperEngine = engine) -> list[str]:
+                def run(engine: WhisperEngine = engine, options: TranscribeOptions = options) -> list[str]:
                     engine.clear_cache()
-                    return [r.text for r in engine.transcribe(audio, TranscribeOptions())]
+                    return [r.text for r in engine.transcribe(audio, options)]
 
                 wall, texts = _timed(run, args.repeats)
                 peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
@@ -138,7 +142,7 @@ def bench_engine(args: argparse.Namespace, settings: Settings) -> int:
         rows += model_rows
         peer = next((r for r in model_rows if "faster-whisper" in r.engine), model_rows[0])
         print(f"\npeer: {peer.engine}, batch {peer.batch_size}")
-        print(f"{'engine':48s} {'batch':>5s} {'audio s/wall s':>14s} {'vs peer':>7s} {'error':>6s} {'peak MB':>8s}")
+        print(f"{'engine':52s} {'batch':>5s} {'audio s/wall s':>14s} {'vs peer':>7s} {'error':>6s} {'peak MB':>8s}")
         for row in model_rows:
             print(_fmt(row, peer))
         print()
@@ -150,4 +154,4 @@ def bench_engine(args: argparse.Namespace, settings: Settings) -> int:
 def _fmt(row: BenchRow, peer: BenchRow | None) -> str:
     ratio = f"{row.speed / peer.speed:6.2f}x" if peer else "      -"
     peak = f"{row.peak_memory_mb:8.0f}" if row.peak_memory_mb is not None else "       -"
-    return f"{row.engine:48s} {row.batch_size:5d} {row.speed:14.2f} {ratio:>7s} {row.error_rate:6.3f} {peak}"
+    return f"{row.engine:52s} {row.batch_size:5d} {row.speed:14.2f} {ratio:>7s} {row.error_rate:6.3f} {peak}"
