@@ -127,8 +127,8 @@ class PredictionService:
         config = parse_label_config(label_config)
         options = TranscribeOptions.for_project(config.language_values)  # only the project's languages
         parsed = [self._parse(i, raw) for i, raw in enumerate(tasks)]
-        results: list[dict] = [{"result": [], "score": 0.0, "model_version": self.model_version(project)}
-                               for _ in tasks]
+        default_version = self.model_version(project)  # once: it reads the registry's pointers
+        results: list[dict] = [{"result": [], "score": 0.0, "model_version": default_version} for _ in tasks]
         by_project: dict[int | None, list[int]] = {}
         for i, task in enumerate(parsed):
             if task is not None:

@@ -190,9 +190,10 @@ class Registry:
         A pointer made for another base (``WHISPER_MODEL`` changed) is ignored. A project rolled back to
         the base serves the base, not the global version: its admin chose so.
         """
+        self.migrate()
         scopes = [scope_of(project), GLOBAL] if project is not None else [GLOBAL]
         for scope in scopes:
-            pointer = self.live_pointer(scope)
+            pointer = self._read_pointer(scope)
             if not pointer or pointer.get("base_version") != base_version:
                 continue
             if pointer.get("version") == base_version:

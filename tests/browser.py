@@ -47,6 +47,8 @@ class Browser:
                     if t["type"] == "page")
         self.socket = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=60, suppress_origin=True)
         self.ids = itertools.count(1)
+        # the page itself width × height (the window size includes the headless window's frame)
+        self.send("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
 
     def send(self, method: str, **params: Any) -> dict:
         call = next(self.ids)

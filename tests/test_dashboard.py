@@ -8,8 +8,6 @@ Chromium, headless, installed by ``./scripts/test``.
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -134,22 +132,20 @@ def served_dashboard(home):
     server.shutdown()
 
 
-def chromium(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    if binary is None:
-        pytest.fail("Chromium is missing: ./scripts/test installs it (Debian package `chromium`)")
-    return subprocess.run([binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                           "--window-size=1366,900", *args], capture_output=True, text=True, timeout=timeout)
-
-
 def test_a_real_browser_renders_the_chart_and_the_numbers(served_dashboard, home, tmp_path):
-    dom = chromium("--dump-dom", f"{served_dashboard}/dashboard").stdout
+    from browser import Browser
+
+    browser = Browser()
+    try:
+        browser.goto(f"{served_dashboard}/dashboard")
+        dom = browser.evaluate("document.documentElement.outerHTML")
+        shot = browser.screenshot(tmp_path / "dashboard.png")
+    finally:
+        browser.close()
     assert "<svg" in dom and "learning-curve" in dom, dom[:2000]
     assert len(re.findall(r'<circle class="version-point"', dom)) == 3  # one point per evaluated version
     assert re.search(r'<polyline [^>]*points="[0-9., ]+"', dom)
     assert "step 12/40" in dom and '<span class="corrections">3</span>' in dom
-    shot = tmp_path / "dashboard.png"
-    chromium(f"--screenshot={shot}", f"{served_dashboard}/dashboard")
     import matplotlib.image
 
     pixels = matplotlib.image.imread(shot)
