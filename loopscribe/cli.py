@@ -3,7 +3,7 @@
     loopscribe model install [base|tiny.en] [--force]
     loopscribe model list
     loopscribe transcribe [--json] [--task translate] [--language xx] FILE...
-    loopscribe bench engine [--clips DIR] [--batch-size N] [--large-v3 DIR]
+    loopscribe bench engine [--clips DIR] [--batch-size N] [--large-v3 DIR] [--shape large-v3]
     loopscribe bench train [--model M] [--shape large-v3] [--steps N] [--encoder]
     loopscribe bench export [--tasks 1000] [--format F]
     loopscribe bench probe [--slow 20] [--burst 20]
@@ -496,6 +496,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, action="append", help="batch sizes to try (repeatable)")
     p.add_argument("--repeats", type=int, default=1, help="timed passes per engine (best is kept)")
     p.add_argument("--large-v3", type=Path, help="local large-v3 (HF dir with a ct2/ sibling) to bench on a GPU")
+    p.add_argument("--shape", action="append", choices=["base", "large-v3"],
+                   help="time the decoder at this model's shapes with random weights (no download; repeatable)")
+    p.add_argument("--windows", type=int, default=256, help="with --shape: windows of 2-30 s to decode")
+    p.add_argument("--slots", type=int, default=0, help="with --shape: decoding slots (0: as many as fit)")
+    p.add_argument("--peer-batch", type=int, default=64, help="with --shape: transformers generate batch size")
+    p.add_argument("--compile-peer", action="store_true", help="with --shape: add the static-cache + "
+                   "torch.compile peer (compiles for minutes)")
     p.add_argument("--json", type=Path, help="also write the table as JSON here")
     p.set_defaults(func=cmd_bench)
     p = bench.add_parser("backend", help="/predict latency and bulk pre-annotation throughput (needs `up`)")

@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 
 OPEN_ROUTES = {"/health"}  # liveness probes need no credentials
 FETCH_THREADS = 4
+AUTO_CHUNK = 32  # tasks fetched and decoded at a time when WHISPER_BATCH_SIZE is 0 (the decoder packs their windows)
 RETRY_AFTER_S = 5
 
 
@@ -123,7 +124,8 @@ class PredictionService:
         """One result per task, in order, each from the model live for the task's project (``project``
         when a task does not say). A malformed task, or one whose audio cannot be fetched or decoded, gets an
         empty result and a log line. Projects are never mixed in one batch, and tasks are decoded and
-        transcribed ``WHISPER_BATCH_SIZE`` at a time, so a request holds at most one chunk of decoded audio."""
+        transcribed ``WHISPER_BATCH_SIZE`` (``AUTO_CHUNK`` when 0) at a time, so a request holds at most one
+        chunk of decoded audio."""
         config = parse_label_config(label_config)
         options = TranscribeOptions.for_project(config.language_values)  # only the project's languages
         parsed = [self._parse(i, raw) for i, raw in enumerate(tasks)]
@@ -135,7 +137,7 @@ class PredictionService:
                 by_project.setdefault(task.project if task.project is not None else project, []).append(i)
         if metrics:
             metrics.tasks.labels("error").inc(len(tasks) - sum(map(len, by_project.values())))
-        chunk = max(1, self.settings.batch_size)
+        chunk = self.settings.batch_size or AUTO_CHUNK
         for task_project, indices in by_project.items():
             engine = self.live.get(task_project)
             for i in indices:

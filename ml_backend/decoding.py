@@ -1,27 +1,37 @@
-"""A compact batched Whisper decoder over a Hugging Face model, exposing what uncertainty needs.
+"""A compact Whisper decoder over a Hugging Face model that exposes what uncertainty needs, with
+continuous batching.
 
 ``WhisperForConditionalGeneration.generate`` hides the per-step distributions behind
 several layers of processors and long-form logic. Here the steps are explicit, as in
-openai-whisper and faster-whisper: encode once; one decoder step after
+openai-whisper and faster-whisper: encode once; the decoder step after
 ``<|startoftranscript|>`` gives the language posterior and the no-speech probability;
-then greedy (or temperature-sampled) decoding with a KV cache, Whisper's suppression
-and timestamp rules, and per-token entropy and log-probability of the distribution the
-token was actually chosen from.
+then greedy (or temperature-sampled) decoding with Whisper's suppression and timestamp
+rules, and per-token entropy and log-probability of the distribution the token was
+actually chosen from. The step itself (:mod:`ml_backend.decode_step`) has static shapes;
+this module keeps its slots full: windows from any number of clips queue up, a slot
+whose window finished is refilled with the next one, and each finished window is handed
+to the caller, who may queue more (a temperature fallback, an undecoded tail).
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
+from .decode_step import DecodeStep, StepRules
 from .whisper import TIME_PRECISION
 
 SAMPLE_LEN = 224  # Whisper samples at most n_text_ctx // 2 tokens per 30 s window
 MAX_INITIAL_TIMESTAMP = 1.0  # seconds
+GPU_CHECK_EVERY = 8  # CUDA: steps between looks at which rows finished (each look is a host sync)
+CPU_SLOTS = 8
+GPU_MAX_SLOTS = 256
+GPU_MEMORY_SHARE = 0.6  # of the free GPU memory, for the slots' caches
 
 
 @dataclass(frozen=True)
@@ -90,59 +100,69 @@ class DecodedSequence:
     finished: bool
 
 
-def token_entropy(log_p: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of each row's next-token distribution.
+@dataclass
+class DecodeRequest:
+    """One ≤30 s window to decode: 16 kHz samples (or ready log-mel ``features``) and a temperature."""
 
-    Suppressed tokens have log-probability -inf; ``p * log p`` is NaN there, ``entr`` is 0, so
-    the entropy is that of the tokens Whisper may actually emit.
-    """
-    return torch.special.entr(log_p.exp()).sum(-1)
+    samples: np.ndarray | None = None
+    features: torch.Tensor | None = None  # mels × frames; computed from ``samples`` when None
+    temperature: float = 0.0
+    tag: Any = None  # the caller's, handed back with the result
+    forced_length: int = -1  # benchmarks with random weights: exactly this many tokens
+
+
+@dataclass
+class DecodeResult:
+    request: DecodeRequest
+    sequence: DecodedSequence
+    posterior: LanguagePosterior
+    language: str | None  # the language token the prompt used (None on English-only models)
+    encoded: torch.Tensor | None = field(default=None, repr=False)  # 1 × frames × d, with ``words`` only
 
 
 class WhisperDecoder:
-    def __init__(self, model, special: SpecialTokens, suppress_tokens: list[int], begin_suppress: list[int]):
-        self.model = model
-        self.special = special
+    """Decodes windows through a fixed number of slots (:class:`DecodeStep`), refilled as rows finish."""
+
+    def __init__(self, model, special: SpecialTokens, suppress_tokens: list[int], begin_suppress: list[int],
+                 *, feature_extractor: Any = None, slots: int = 0, cuda_graphs: bool = True):
+        """``slots`` is the decoding batch; 0 is :data:`CPU_SLOTS` on CPU and as many as fit in the free memory
+        on CUDA (:func:`gpu_slots`)."""
+        self.model, self.special, self.feature_extractor = model, special, feature_extractor
         vocab = model.config.vocab_size
         # Everything between <|endoftext|> and the timestamps is control: never generated.
         control = list(range(special.eot + 1, special.timestamp_begin))
-        self.suppress = torch.tensor(sorted({t for t in suppress_tokens + control if 0 <= t < vocab}))
-        self.begin_suppress = torch.tensor([t for t in begin_suppress if 0 <= t < vocab], dtype=torch.long)
-        self.max_initial_timestamp_index = round(MAX_INITIAL_TIMESTAMP / TIME_PRECISION)
+        self.rules = StepRules(
+            eot=special.eot,
+            no_speech=special.no_speech,
+            timestamp_begin=special.timestamp_begin,
+            max_initial_timestamp_index=round(MAX_INITIAL_TIMESTAMP / TIME_PRECISION),
+            suppress=tuple(sorted({t for t in suppress_tokens + control if 0 <= t < vocab})),
+            begin_suppress=tuple(t for t in begin_suppress if 0 <= t < vocab),
+            language_ids=tuple(special.languages.values()),
+            max_tokens=min(SAMPLE_LEN, model.config.max_target_positions - 4),
+        )
         self.lang_codes = list(special.languages)
-        self.lang_ids = torch.tensor(list(special.languages.values()), dtype=torch.long)
-        # transformers 5.x renamed the decoder's past_key_values to cache (the old name warns on every load)
-        self._cache_arg = "cache" if "cache" in inspect.signature(model.model.decoder.forward).parameters \
-            else "past_key_values"
+        self._code_of = {token: code for code, token in special.languages.items()}
+        if slots <= 0:
+            slots = gpu_slots(model) if self.device.type == "cuda" else CPU_SLOTS
+        self.slots = slots
+        self.cuda_graphs = cuda_graphs
+        self.check_every = GPU_CHECK_EVERY if self.device.type == "cuda" else 1
+        self._step: DecodeStep | None = None
+        self.steps = 0  # decoder steps run (benchmarks divide by it)
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
+    def reset(self) -> None:
+        """Forget captured graphs and buffers (call when the model's modules or weights change)."""
+        self._step = None
+
     @torch.inference_mode()
     def encode(self, features: torch.Tensor) -> torch.Tensor:
         features = features.to(self.device, self.model.dtype)
         return self.model.model.encoder(features).last_hidden_state
-
-    def _logits(self, tokens: torch.Tensor, encoded: torch.Tensor, cache=None):
-        out = self.model.model.decoder(
-            input_ids=tokens, encoder_hidden_states=encoded, use_cache=True, **{self._cache_arg: cache}
-        )
-        return self.model.proj_out(out.last_hidden_state[:, -1]).float(), out[self._cache_arg]
-
-    @torch.inference_mode()
-    def detect_language(self, encoded: torch.Tensor) -> list[LanguagePosterior]:
-        """One decoder step after <|startoftranscript|>: language posterior and P(no speech)."""
-        batch = encoded.shape[0]
-        sot = torch.full((batch, 1), self.special.sot, dtype=torch.long, device=self.device)
-        logits, _ = self._logits(sot, encoded)
-        no_speech = logits.softmax(-1)[:, self.special.no_speech].tolist()
-        if not self.special.multilingual:
-            return [LanguagePosterior({"en": 1.0}, p) for p in no_speech]
-        lang_probs = logits[:, self.lang_ids.to(self.device)].softmax(-1).tolist()
-        return [
-            LanguagePosterior(dict(zip(self.lang_codes, probs)), p) for probs, p in zip(lang_probs, no_speech)
-        ]
 
     def prompt(self, language: str | None, task: str, timestamps: bool) -> list[int]:
         s = self.special
@@ -155,79 +175,111 @@ class WhisperDecoder:
             tokens.append(s.no_timestamps)
         return tokens
 
-    def _apply_rules(self, logits: torch.Tensor, sampled: list[list[int]], step: int, timestamps: bool) -> None:
-        """Whisper's logit rules, in place: suppression, then timestamp pairing and ordering."""
-        s = self.special
-        logits[:, self.suppress.to(logits.device)] = -torch.inf
-        if step == 0:
-            logits[:, self.begin_suppress.to(logits.device)] = -torch.inf
-        if not timestamps:
-            logits[:, s.timestamp_begin :] = -torch.inf
-            return
-        tb = s.timestamp_begin
-        for k, seq in enumerate(sampled):
-            last_was_ts = len(seq) >= 1 and seq[-1] >= tb
-            penultimate_was_ts = len(seq) < 2 or seq[-2] >= tb
-            if last_was_ts:
-                if penultimate_was_ts:
-                    logits[k, tb:] = -torch.inf  # a pair just closed: text or the end next
-                else:
-                    logits[k, : s.eot] = -torch.inf  # a segment is open: its closing time next
-            stamps = [t for t in seq if t >= tb]
-            if stamps:  # time never goes backwards
-                floor = stamps[-1] if last_was_ts and not penultimate_was_ts else stamps[-1] + 1
-                logits[k, tb:floor] = -torch.inf
-        if step == 0:  # the first token is a timestamp, and an early one
-            logits[:, :tb] = -torch.inf
-            logits[:, tb + self.max_initial_timestamp_index + 1 :] = -torch.inf
-        logprobs = F.log_softmax(logits, dim=-1)
-        timestamp_mass = logprobs[:, tb:].logsumexp(-1)
-        best_text = logprobs[:, :tb].max(-1).values
-        logits[timestamp_mass > best_text, :tb] = -torch.inf
+    def features(self, requests: list[DecodeRequest]) -> torch.Tensor:
+        missing = [r for r in requests if r.features is None]
+        if missing:
+            feats = self.feature_extractor([r.samples for r in missing], sampling_rate=16000,
+                                           return_tensors="pt").input_features
+            for r, f in zip(missing, feats):
+                r.features = f
+        return torch.stack([r.features for r in requests])  # type: ignore[misc]
 
-    @torch.inference_mode()
-    def decode(
+    def run(
         self,
-        encoded: torch.Tensor,
-        prompts: list[list[int]],
+        requests: Iterable[DecodeRequest],
+        on_result: Callable[[DecodeResult], Iterable[DecodeRequest]],
         *,
-        timestamps: bool,
-        temperature: float = 0.0,
+        task: str = "transcribe",
+        timestamps: bool = True,
+        languages: Collection[str] | None = None,
+        words: bool = False,
         generator: torch.Generator | None = None,
-        max_tokens: int = SAMPLE_LEN,
-    ) -> list[DecodedSequence]:
-        """Decode a batch (all prompts the same length) greedily, or by sampling when temperature > 0."""
-        batch = encoded.shape[0]
-        prompt = torch.tensor(prompts, dtype=torch.long, device=self.device)
-        max_tokens = min(max_tokens, self.model.config.max_target_positions - prompt.shape[1])
-        sampled: list[list[int]] = [[] for _ in range(batch)]
-        entropies: list[list[float]] = [[] for _ in range(batch)]
-        logprobs: list[list[float]] = [[] for _ in range(batch)]
-        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        adapter_key: Any = None,
+    ) -> None:
+        """Decode every request; ``on_result`` gets each finished window and returns requests to queue next.
 
-        logits, cache = self._logits(prompt, encoded)
-        for step in range(max_tokens):
-            self._apply_rules(logits, sampled, step, timestamps)
-            log_p = F.log_softmax(logits, dim=-1)
-            entropy = token_entropy(log_p)
-            if temperature > 0:
-                probs = F.softmax(logits / temperature, dim=-1)
-                next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        ``languages`` restricts language detection (one language: that language, no detection).
+        With ``words`` each result carries its window's encoder output (for word alignment).
+        ``adapter_key`` names the LoRA adapter active on the model (graphs are captured per adapter).
+        """
+        queue = deque(requests)
+        step = self._buffers(words)
+        step.timestamps = timestamps
+        allowed = [code for code in self.lang_codes if languages is None or code in languages] or self.lang_codes
+        bias = torch.full_like(step.language_bias, -torch.inf)
+        bias[[self.lang_codes.index(c) for c in allowed] or [0]] = 0.0
+        step.language_bias.copy_(bias)
+        placeholder = allowed[0] if self.special.multilingual else None
+        prompt = self.prompt(placeholder, task, timestamps)
+        live: dict[int, DecodeRequest] = {}
+        age = [0] * self.slots  # steps since a slot was loaded: a bound on its position
+        step.release(list(range(self.slots)))
+        while queue or live:
+            free = [slot for slot in range(self.slots) if slot not in live]
+            if queue and free and (not live or len(free) >= max(1, self.slots // 4) or len(free) >= len(queue)):
+                rows = free[: len(queue)]
+                batch = [queue.popleft() for _ in rows]
+                step.load(rows, self.encode(self.features(batch)), [prompt] * len(rows),
+                          [r.temperature for r in batch], [r.forced_length for r in batch])
+                for slot, request in zip(rows, batch):
+                    live[slot], age[slot] = request, 0
+            for _ in range(self.check_every):
+                if any(r.temperature > 0 for r in live.values()):
+                    step.draw_noise(generator)
+                step.step(max(age[s] for s in live) + 1, adapter_key)
+                self.steps += 1
+                for s in live:
+                    age[s] += 1
+            finished = [s for s in live if bool(step.done[s])] if self.device.type != "cuda" \
+                else torch.nonzero(step.done).flatten().tolist()
+            finished = [s for s in finished if s in live]
+            if not finished:
+                continue
+            for result in self._harvest(step, finished, [live[s] for s in finished]):
+                queue.extendleft(reversed(list(on_result(result))))
+            for s in finished:
+                del live[s]
+            step.release(finished)
+
+    def _buffers(self, words: bool) -> DecodeStep:
+        if self._step is None or (words and self._step.encoded is None):
+            self._step = None  # free the old buffers first
+            self._step = DecodeStep(self.model, self.rules, self.slots, words=words, graphs=self.cuda_graphs)
+        return self._step
+
+    def _harvest(self, step: DecodeStep, rows: list[int], requests: list[DecodeRequest]) -> list[DecodeResult]:
+        index = torch.tensor(rows, device=self.device)
+        n = step.n.index_select(0, index).tolist()
+        tokens = step.out_tokens.index_select(0, index).tolist()
+        entropies = step.out_entropy.index_select(0, index).tolist()
+        logprobs = step.out_logprob.index_select(0, index).tolist()
+        no_speech = step.no_speech.index_select(0, index).tolist()
+        language_tokens = step.prompt[:, 1].index_select(0, index).tolist()
+        language_probs = step.language_logits.index_select(0, index).softmax(-1).tolist()
+        results = []
+        for k, (row, request) in enumerate(zip(rows, requests)):
+            count = n[k]
+            chosen = tokens[k][:count]
+            finished = bool(chosen) and chosen[-1] == self.special.eot
+            sequence = DecodedSequence(chosen[:-1] if finished else chosen, entropies[k][:count],
+                                       logprobs[k][:count], finished)
+            if self.special.multilingual:
+                posterior = LanguagePosterior(dict(zip(self.lang_codes, language_probs[k])), no_speech[k])
+                language: str | None = self._code_of.get(language_tokens[k])
             else:
-                next_tokens = logits.argmax(-1)
-            next_tokens = torch.where(done, torch.full_like(next_tokens, self.special.eot), next_tokens)
-            chosen_logp = log_p.gather(-1, next_tokens[:, None]).squeeze(-1)
-            for k, (tok, h, lp) in enumerate(zip(next_tokens.tolist(), entropy.tolist(), chosen_logp.tolist())):
-                if done[k]:
-                    continue
-                entropies[k].append(h)
-                logprobs[k].append(lp)
-                if tok != self.special.eot:
-                    sampled[k].append(tok)
-            done |= next_tokens == self.special.eot
-            if bool(done.all()):
-                break
-            logits, cache = self._logits(next_tokens[:, None], encoded, cache)
-        return [
-            DecodedSequence(sampled[k], entropies[k], logprobs[k], bool(done[k])) for k in range(batch)
-        ]
+                posterior, language = LanguagePosterior({"en": 1.0}, no_speech[k]), None
+            encoded = step.encoded[row : row + 1] if step.encoded is not None else None
+            results.append(DecodeResult(request, sequence, posterior, language, encoded))
+        return results
+
+
+def gpu_slots(model: Any, share: float = GPU_MEMORY_SHARE) -> int:
+    """How many rows fit in ``share`` of the free GPU memory: each holds its audio's cross-attention keys
+    and values, its self-attention cache, its encoder output and a few vocabulary-sized temporaries."""
+    config = model.config
+    itemsize = torch.finfo(model.dtype).bits // 8
+    layers, d, frames = config.decoder_layers, config.d_model, config.max_source_positions
+    per_row = itemsize * (2 * layers * d * (frames + SAMPLE_LEN + 4) + frames * d) + 16 * 4 * config.vocab_size
+    per_row += itemsize * frames * config.encoder_ffn_dim  # the encoder's widest activation at load
+    free, _ = torch.cuda.mem_get_info(model.device)
+    return int(max(1, min(GPU_MAX_SLOTS, share * free // per_row)))

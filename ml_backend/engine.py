@@ -22,7 +22,7 @@ import torch
 
 from . import audio as audio_lib
 from .alignment import WordAligner
-from .decoding import DecodedSequence, WhisperDecoder
+from .decoding import DecodedSequence, DecodeRequest, DecodeResult, WhisperDecoder
 from .errors import ConfigurationError
 from .live import live_model, served_version
 from .model_store import ResolvedModel, resolve_base
@@ -138,7 +138,8 @@ class WhisperEngine:
         self.model = model_
         config = model_.config
         self.decoder = WhisperDecoder(
-            model_, self.special, list(config.suppress_tokens or []), list(config.begin_suppress_tokens or [])
+            model_, self.special, list(config.suppress_tokens or []), list(config.begin_suppress_tokens or []),
+            feature_extractor=self.feature_extractor, slots=self.settings.batch_size,
         )
         heads = getattr(getattr(model_, "generation_config", None), "alignment_heads", None)
         self.aligner = WordAligner(model_, self.tokenizer, heads)
@@ -146,6 +147,7 @@ class WhisperEngine:
         self._cache: OrderedDict[tuple, Transcription] = OrderedDict()
         self._peft: Any = None  # the peft wrapper once an adapter was added (the model is modified in place)
         self._adapters: OrderedDict[str, str] = OrderedDict()  # served version → adapter path, most recent last
+        self._active_adapter: str | None = None
 
     @property
     def model_version(self) -> str:
@@ -172,6 +174,7 @@ class WhisperEngine:
             while len(self._adapters) > MAX_ADAPTERS:
                 evicted, _ = self._adapters.popitem(last=False)
                 self._peft.delete_adapter(_adapter_name(evicted))
+            self.decoder.reset()  # captured decoder graphs replay the modules they saw
         return AdapterView(self, version)
 
     def _load_adapter(self, version: str, adapter: str) -> None:
@@ -192,6 +195,7 @@ class WhisperEngine:
 
     def _activate(self, adapter: str | None) -> None:
         """Route decoding through ``adapter``'s LoRA layers, or none of them (the base). Caller holds the lock."""
+        self._active_adapter = adapter
         if self._peft is None:
             if adapter is not None:
                 raise ConfigurationError(f"adapter {adapter} was never added to this model")
@@ -291,38 +295,56 @@ class WhisperEngine:
     def _cache_key(self, clip: np.ndarray, options: TranscribeOptions, version: str) -> tuple:
         return (audio_lib.content_hash(clip), version, options)
 
-    def _features(self, windows: list[_Window]) -> torch.Tensor:
-        feats = self.feature_extractor(
-            [w.samples for w in windows], sampling_rate=audio_lib.SAMPLE_RATE, return_tensors="pt"
-        ).input_features
-        return feats
-
     def _decode_windows(
         self, windows: list[_Window], options: TranscribeOptions, on_batch: Callable[[int], None] | None
     ) -> list[tuple[_Window, _WindowResult]]:
-        """Decode windows in duration-sorted batches, then the tails a window left undecoded.
+        """Decode windows (longest first) through the decoder's slots, refilled as windows finish.
 
-        Whisper sometimes closes its last segment early and stops, leaving the end of a
-        window untranscribed; openai-whisper then seeks to the last timestamp and decodes
-        again. The same happens here: such a tail becomes a window of the next round.
+        A window that looks like a loop is queued again at the next temperature; the best attempt is
+        kept. Whisper sometimes closes its last segment early and stops, leaving the end of a window
+        untranscribed; openai-whisper then seeks to the last timestamp and decodes again. The same
+        happens here: such a tail is queued as a window of its own.
         """
+        temperatures = options.temperatures or (0.0,)
         done: list[tuple[_Window, _WindowResult]] = []
-        size = max(1, self.settings.batch_size)
-        for round_ in range(MAX_TAIL_ROUNDS + 1):
-            windows = sorted(windows, key=lambda w: -w.duration)
-            tails: list[_Window] = []
-            for b in range(0, len(windows), size):
-                batch = windows[b : b + size]
-                for window, result in zip(batch, self._decode_batch(batch, options)):
-                    done.append((window, result))
-                    tail = self._undecoded_tail(window, result)
-                    if tail is not None and round_ < MAX_TAIL_ROUNDS:
-                        tails.append(tail)
-                if on_batch and round_ == 0:  # progress counts the windows of count_windows()
-                    on_batch(len(batch))
-            if not tails:
-                break
-            windows = tails
+        best: dict[int, tuple[DecodedSequence, Uncertainty, DecodeResult]] = {}
+
+        def request(window: _Window, attempt: int = 0, rounds: int = 0) -> DecodeRequest:
+            return DecodeRequest(samples=window.samples, temperature=temperatures[attempt],
+                                 tag=(window, attempt, rounds))
+
+        def settle(result: DecodeResult) -> list[DecodeRequest]:
+            window, attempt, rounds = result.request.tag
+            seq, temperature = result.sequence, result.request.temperature
+            u = self._signals(seq, result.posterior.no_speech_prob, temperature)
+            previous = best.get(id(window))
+            if previous is None or self._better(u, previous[1]):
+                best[id(window)] = previous = (seq, u, result)
+            if u.needs_fallback() and attempt + 1 < len(temperatures):
+                return [DecodeRequest(samples=window.samples, features=result.request.features,
+                                      temperature=temperatures[attempt + 1], tag=(window, attempt + 1, rounds))]
+            del best[id(window)]
+            seq, u, chosen = previous
+            language, probability = self._language(chosen, options)
+            window_result = self._window_result(window, seq, u, language, probability)
+            if options.word_timestamps and window_result.speech and window_result.segments:
+                encoded = chosen.encoded if chosen is result else None
+                if encoded is None:  # the best attempt's slot was refilled since: encode again
+                    encoded = self.decoder.encode(self.decoder.features([chosen.request]))
+                window_result.words = self._words(encoded, seq, window, language, options.task)
+            done.append((window, window_result))
+            if on_batch and rounds == 0:  # progress counts the windows of count_windows()
+                on_batch(1)
+            tail = self._undecoded_tail(window, window_result)
+            return [request(tail, 0, rounds + 1)] if tail is not None and rounds < MAX_TAIL_ROUNDS else []
+
+        languages = [options.language] if options.language else options.languages
+        self.decoder.run(
+            [request(w) for w in sorted(windows, key=lambda w: -w.duration)], settle,
+            task=options.task, timestamps=options.timestamps, languages=languages,
+            words=options.word_timestamps, generator=torch.Generator(device=self.device).manual_seed(0),
+            adapter_key=self._active_adapter,
+        )
         return done
 
     @staticmethod
@@ -335,51 +357,12 @@ class WhisperEngine:
         start = int(end * audio_lib.SAMPLE_RATE)
         return _Window(window.item, window.offset + end, window.samples[start:])
 
-    def _decode_batch(self, windows: list[_Window], options: TranscribeOptions) -> list[_WindowResult]:
-        encoded = self.decoder.encode(self._features(windows))
-        posteriors = self.decoder.detect_language(encoded)
-        languages, language_probs = [], []
-        for post in posteriors:
-            if options.language:
-                code, probability = options.language, post.probabilities.get(options.language, 1.0)
-            else:
-                code, probability = post.best(options.languages)
-            languages.append(code)
-            language_probs.append(probability)
-        prompts = [self.decoder.prompt(lang, options.task, options.timestamps) for lang in languages]
-        no_speech = [p.no_speech_prob for p in posteriors]
-
-        temperatures = options.temperatures or (0.0,)
-        generator = torch.Generator(device=self.device).manual_seed(0)
-        best: list[tuple[DecodedSequence, Uncertainty] | None] = [None] * len(windows)
-        pending = list(range(len(windows)))
-        for t in temperatures:
-            sel = torch.tensor(pending, device=encoded.device)
-            decoded = self.decoder.decode(
-                encoded.index_select(0, sel), [prompts[k] for k in pending],
-                timestamps=options.timestamps, temperature=t, generator=generator,
-            )
-            still = []
-            for k, seq in zip(pending, decoded):
-                u = self._signals(seq, no_speech[k], t)
-                previous = best[k]
-                if previous is None or self._better(u, previous[1]):
-                    best[k] = (seq, u)
-                if u.needs_fallback():
-                    still.append(k)
-            pending = still
-            if not pending:
-                break
-        chosen = [b for b in best if b is not None]  # every window was decoded at least once (greedy)
-        results = [
-            self._window_result(w, seq, u, lang, lp)
-            for w, (seq, u), lang, lp in zip(windows, chosen, languages, language_probs)
-        ]
-        if options.word_timestamps:
-            for k, (window, result, (seq, _)) in enumerate(zip(windows, results, chosen)):
-                if result.speech and result.segments:
-                    result.words = self._words(encoded[k : k + 1], seq, window, result.language, options.task)
-        return results
+    def _language(self, result: DecodeResult, options: TranscribeOptions) -> tuple[str, float]:
+        """The window's language and its probability (renormalized over the project's languages, if any)."""
+        posterior = result.posterior
+        if options.language:
+            return options.language, posterior.probabilities.get(options.language, 1.0)
+        return posterior.best(options.languages)
 
     def _words(self, encoded: torch.Tensor, seq: DecodedSequence, window: _Window, language: str,
                task: str) -> list[Word]:

@@ -63,7 +63,8 @@ class Settings:
     device: str = setting("auto", "WHISPER_DEVICE", "`auto` (CUDA when present), `cuda` or `cpu`", group="model")
     dtype: str = setting("auto", "WHISPER_DTYPE", "`auto` (bf16/fp16 on GPU, fp32 on CPU), `float32`, `float16`, "
                          "`bfloat16`", group="model")
-    batch_size: int = setting(8, "WHISPER_BATCH_SIZE", "utterances (≤30 s windows) decoded together", group="model")
+    batch_size: int = setting(0, "WHISPER_BATCH_SIZE", "windows (≤30 s) decoded together; 0: 8 on CPU, as many as "
+                              "fit in 60 % of the free memory on a GPU (up to 256)", group="model")
     quantize: bool = setting(False, "WHISPER_QUANTIZE", "dynamic int8 quantization of Linear layers on CPU "
                              "(faster; check WER with `loopscribe bench engine`)", group="model")
     cpu_threads: int = setting(0, "WHISPER_CPU_THREADS", "torch intra-op threads on CPU; 0 keeps torch's default",

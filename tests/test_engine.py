@@ -131,13 +131,15 @@ def test_temperature_fallback_runs_every_temperature_and_is_reproducible(engine,
 
     monkeypatch.setattr(uncertainty.Uncertainty, "needs_fallback", lambda self: True)
     temperatures: list[float] = []
-    real_decode = engine.decoder.decode
+    real_run = engine.decoder.run
 
-    def spy(*args, **kwargs):
-        temperatures.append(kwargs["temperature"])
-        return real_decode(*args, **kwargs)
+    def spy(requests, on_result, **kwargs):
+        def seen(result):
+            temperatures.append(result.request.temperature)
+            return on_result(result)
+        return real_run(requests, seen, **kwargs)
 
-    monkeypatch.setattr(engine.decoder, "decode", spy)
+    monkeypatch.setattr(engine.decoder, "run", spy)
     options = TranscribeOptions(temperatures=(0.0, 0.5, 1.0), timestamps=False)
     engine.clear_cache()
     first = engine.transcribe([clip("jfk_en.flac")], options)[0]

@@ -50,7 +50,7 @@ def test_fallback_rule_matches_whisper():
 
 
 def test_token_entropy_ignores_suppressed_tokens():
-    from ml_backend.decoding import token_entropy
+    from ml_backend.decode_step import token_entropy
 
     suppressed = torch.tensor([[0.0, 1.0, -torch.inf, -torch.inf], [2.0, 2.0, 2.0, 2.0]]).log_softmax(-1)
     open_only = torch.tensor([[0.0, 1.0]]).log_softmax(-1)

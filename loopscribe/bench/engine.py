@@ -72,6 +72,10 @@ def bench_engine(args: argparse.Namespace, settings: Settings) -> int:
     from ml_backend.model_store import resolve_base
     from ml_backend.transcription import TranscribeOptions
 
+    if getattr(args, "shape", None):
+        from .shapes import bench_shapes
+
+        return bench_shapes(args)
     clips = reference_clips(args.clips, settings)
     audio = [decode_audio(c.path) for c in clips]
     total = sum(duration(a) for a in audio)
