@@ -121,7 +121,8 @@ class WhisperEngine:
                         else live_model(self.settings, project, install_missing=install_missing).resolved)
         self.resolved: ResolvedModel = resolved
         self.device = pick_device(self.settings.device)
-        self.dtype = pick_dtype(self.settings.dtype, self.device)
+        self.quantized = quantizes(self.settings)
+        self.dtype = torch.float32 if self.quantized else pick_dtype(self.settings.dtype, self.device)
         if self.device.type == "cpu" and self.settings.cpu_threads > 0:
             torch.set_num_threads(self.settings.cpu_threads)
         if self.device.type == "cuda":
@@ -132,7 +133,6 @@ class WhisperEngine:
         self.tokenizer, self.feature_extractor = whisper.tokenizer, whisper.feature_extractor
         self.special = whisper.special
         model_ = whisper.model.to(self.device).eval()
-        self.quantized = quantizes(self.settings)
         if self.quantized:
             model_ = torch.ao.quantization.quantize_dynamic(model_, {torch.nn.Linear}, dtype=torch.qint8)
         self.model = model_

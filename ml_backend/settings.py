@@ -61,8 +61,9 @@ class Settings:
     whisper_model: str = setting("base", "WHISPER_MODEL", "bundled name (`base`, `tiny.en`), a local Whisper "
                                  "directory, or a hub id (only when online)", group="model")
     device: str = setting("auto", "WHISPER_DEVICE", "`auto` (CUDA when present), `cuda` or `cpu`", group="model")
-    dtype: str = setting("auto", "WHISPER_DTYPE", "`auto` (bf16/fp16 on GPU, fp32 on CPU), `float32`, `float16`, "
-                         "`bfloat16`", group="model")
+    dtype: str = setting("auto", "WHISPER_DTYPE", "`auto`: bf16 (fp16) on GPU; on CPU bf16 where it multiplies "
+                         "bf16 natively (AMX, AVX-512 BF16), else fp32, and fp32 for CPU training; or `float32`, "
+                         "`float16`, `bfloat16`", group="model")
     batch_size: int = setting(0, "WHISPER_BATCH_SIZE", "windows (≤30 s) decoded together; 0: 8 on CPU, as many as "
                               "fit in 60 % of the free memory on a GPU (up to 256)", group="model")
     quantize: bool = setting(False, "WHISPER_QUANTIZE", "dynamic int8 quantization of Linear layers on CPU "

@@ -114,7 +114,8 @@ def target_tokens(tokenizer, special: SpecialTokens, example: Example, timestamp
 def device_and_precision(device_setting: str = "auto", dtype_setting: str = "auto") -> tuple[str, str]:
     """The training device and accelerate's mixed precision, from the settings serving uses."""
     device = pick_device(device_setting)
-    precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(pick_dtype(dtype_setting, device), "no")
+    dtype = pick_dtype(dtype_setting, device, training=True)
+    precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
     if device.type == "cpu" and precision == "fp16":
         log.warning("fp16 mixed precision needs a GPU; training on the CPU in float32")
         precision = "no"

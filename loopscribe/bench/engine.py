@@ -71,6 +71,7 @@ def bench_engine(args: argparse.Namespace, settings: Settings) -> int:
     from ml_backend.engine import WhisperEngine
     from ml_backend.model_store import resolve_base
     from ml_backend.transcription import TranscribeOptions
+    from ml_backend.whisper import pick_dtype
 
     if getattr(args, "shape", None):
         from .shapes import bench_shapes
@@ -96,14 +97,17 @@ def bench_engine(args: argparse.Namespace, settings: Settings) -> int:
             variants = [(f"transformers {dtype}", replace(settings, dtype=dtype), served)
                         for dtype in ("float16", "bfloat16", "float32")]
             variants.append(("transformers bfloat16, no word timings", replace(settings, dtype="bfloat16"), no_words))
-        else:
-            variants = [("transformers fp32", settings, served),
-                        ("transformers fp32, no word timings", settings, no_words),
-                        ("transformers int8-dynamic", replace(settings, quantize=True), served)]
+        else:  # what `up` serves (WHISPER_DTYPE=auto), without word timings, then the other CPU choices
+            auto = str(pick_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+            variants = [(f"transformers {auto} (auto)", replace(settings, dtype="auto"), served),
+                        (f"transformers {auto} (auto), no word timings", replace(settings, dtype="auto"), no_words)]
+            if auto != "float32":
+                variants.append(("transformers float32", replace(settings, dtype="float32"), served))
+            variants.append(("transformers int8-dynamic", replace(settings, quantize=True), served))
         for label, variant, options in variants:
             for batch in args.batch_size or [settings.batch_size]:
                 engine = WhisperEngine(replace(variant, batch_size=batch), model)
-                engine.transcribe(audio[:1])  # warm-up
+                engine.transcribe(audio, options)  # warm-up: oneDNN builds its kernels for each new shape once
                 engine.clear_cache()
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
@@ -114,7 +118,7 @@ def bench_engine(args: argparse.Namespace, settings: Settings) -> int:
 
                 wall, texts = _timed(run, args.repeats)
                 peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
-                model_rows.append(BenchRow(f"{resolved.name} loopscribe {label}", batch, total, wall,
+                model_rows.append(BenchRow(f"{resolved.name} loopscribe {label}", engine.decoder.slots, total, wall,
                                            _error_rate(clips, texts), peak))
                 print(_fmt(model_rows[-1], None), flush=True)
                 del engine
@@ -138,7 +142,7 @@ def bench_engine(args: argparse.Namespace, settings: Settings) -> int:
                 def fw_run(fw: WhisperModel = fw) -> list[str]:
                     return ["".join(s.text for s in fw.transcribe(a, beam_size=1, best_of=1)[0]).strip() for a in audio]
 
-                fw.transcribe(audio[0], beam_size=1)  # warm-up
+                fw_run()  # warm-up, as for this engine
                 wall, texts = _timed(fw_run, args.repeats)
                 model_rows.append(BenchRow(f"{resolved.name} faster-whisper {compute_type}", 1, total, wall,
                                            _error_rate(clips, texts)))
