@@ -579,6 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="default TRAIN_BATCH_SIZE")
     p.add_argument("--examples", type=int, help="utterances per epoch (default 4 batches)")
     p.add_argument("--encoder", action="store_true", help="adapt the encoder too (every step runs the whole model)")
+    p.add_argument("--processes", type=int, action="append", help="data-parallel training processes under "
+                   "`accelerate launch` (repeatable: one row each; default 1)")
     p.add_argument("--clips", type=Path, help="folder of clips with a transcripts.json (default: shared/audio "
                    "+ espeak-ng sentences)")
     p.add_argument("--json", type=Path, help="also write the table as JSON here")

@@ -148,6 +148,9 @@ class Settings:
     train_learning_rate: float = setting(1e-3, "TRAIN_LEARNING_RATE", "AdamW learning rate (recipe: 1e-3), linear "
                                          "decay after warm-up", group="training")
     train_batch_size: int = setting(8, "TRAIN_BATCH_SIZE", "utterances per optimizer step", group="training")
+    train_processes: int = setting(0, "TRAIN_PROCESSES", "data-parallel training processes under `accelerate launch` "
+                                   "(DDP); 0: one per GPU when the worker has several, else 1; more than 1 on a CPU "
+                                   "splits each batch over CPU processes (gloo)", group="training")
     train_max_attempts: int = setting(2, "TRAIN_MAX_ATTEMPTS", "a job whose worker died is run again until this many "
                                       "attempts, then failed with the reason", group="training")
 

@@ -420,7 +420,7 @@ def test_gate_skips_training_and_evaluation_when_heldout_is_too_small(settings, 
     def must_not_run(*a, **k):
         raise AssertionError("trained or evaluated although the held-out split cannot decide")
 
-    monkeypatch.setattr(pipeline, "train_lora", must_not_run)
+    monkeypatch.setattr(pipeline.distributed, "train", must_not_run)
     monkeypatch.setattr(pipeline, "evaluate", must_not_run)
     outcome = pipeline.run_training(replace(settings, home=tmp_path, heldout_min_items=4), None, None, 1, None)
     assert outcome.state == "rejected" and outcome.version is None

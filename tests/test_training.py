@@ -73,3 +73,29 @@ def test_recovery_requeues_a_job_whose_worker_died_then_fails_it(tmp_path, setti
     alive = ledger.jobs.request(4, "cli")[0]
     ledger.jobs.claim(alive.id, jobs.worker_id())  # this process: alive, left alone
     assert jobs.recover_jobs(s, sent.append, on_start=True) == []
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_process_training_under_accelerate_launch_gives_the_same_kind_of_adapter(settings, tmp_path, clip,
+                                                                                     transcripts):
+    """TRAIN_PROCESSES=2 on a CPU: `accelerate launch` starts two processes joined over gloo; each trains on its half
+    of every batch, the steps are those of one process, and the main process saves a peft adapter that serves."""
+    from ml_backend.engine import WhisperEngine
+    from ml_backend.model_store import resolve_base
+    from training import distributed
+
+    names = ["jfk_en.flac", "one_two_three_en.wav", "comfyui_en.mp3", "dictee_fr.aiff"]
+    examples = [Example(task=i, audio=clip(n)[: 30 * 16000], text=transcripts[n]["text"],
+                        language=transcripts[n]["language"]) for i, n in enumerate(names * 2)]
+    base = resolve_base(settings, "base")
+    args = LoraArguments.from_settings(settings, epochs=1, batch_size=4, device="cpu")
+    steps: list[int] = []
+    result = distributed.train(base.path, examples, args, tmp_path / "adapter", processes=2,
+                               on_step=lambda p: steps.append(p.step), progress=False)
+    assert result.processes == 2 and result.steps == 2 == len(examples) // 4 and steps == [1, 2]
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file() and result.final_loss > 0
+    adapted = WhisperEngine(replace(settings, dtype="float32"),
+                            resolved=replace(base, version="two-process", adapter=str(tmp_path / "adapter")))
+    text = adapted.transcribe([clip("jfk_en.flac")])[0].text
+    assert "country" in text.lower(), text

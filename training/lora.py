@@ -74,6 +74,11 @@ class LoraArguments:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict) -> LoraArguments:
+        """The inverse of :meth:`to_dict`, also after JSON (which turns the module tuple into a list)."""
+        return cls(**{**values, "target_modules": tuple(values["target_modules"])})
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -86,6 +91,7 @@ class TrainResult:
     peak_memory_mb: float | None
     parameters: int = 0
     trainable_parameters: int = 0
+    processes: int = 1  # data-parallel training processes (accelerate / DDP)
 
 
 @dataclass
@@ -141,7 +147,12 @@ def train_lora(
     on_step: Callable[[Progress], None] | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train a LoRA adapter on ``examples`` over the Whisper at ``base_path``; save it (peft format) to ``out_dir``."""
+    """Train a LoRA adapter on ``examples`` over the Whisper at ``base_path``; save it (peft format) to ``out_dir``.
+
+    Under ``accelerate launch`` with several processes (:mod:`training.distributed`) every process walks the same
+    shuffled batches and takes its share of each (DDP averages the gradients), so the steps, the schedule and the
+    adapter's format are those of one process; only the main process reports progress and saves.
+    """
     from accelerate import Accelerator
     from peft import get_peft_model
     from tqdm import tqdm
@@ -217,12 +228,14 @@ def train_lora(
     model.train()
     order = list(range(len(examples)))
     step, loss_value, smoothed = 0, float("nan"), None
-    bar = tqdm(total=total_steps, desc="LoRA fine-tuning", unit="step", disable=not progress)
+    main = accelerator.is_main_process
+    rank, world = accelerator.process_index, accelerator.num_processes
+    bar = tqdm(total=total_steps, desc="LoRA fine-tuning", unit="step", disable=not progress or not main)
     loop_start = time.perf_counter()
     for _ in range(args.epochs):
         random.shuffle(order)
         for start in range(0, len(order), args.batch_size):
-            batch = order[start : start + args.batch_size]
+            batch = shard(order[start : start + args.batch_size], rank, world)
             encoded = encode(batch)
             inputs, labels = decoder_batch(batch)
             with accelerator.autocast():
@@ -233,20 +246,32 @@ def train_lora(
             scheduler.step()
             optimizer.zero_grad()
             step += 1
-            loss_value = float(loss.detach())
+            loss_value = float(accelerator.reduce(loss.detach(), "mean")) if world > 1 else float(loss.detach())
             smoothed = loss_value if smoothed is None else 0.8 * smoothed + 0.2 * loss_value
             elapsed = time.perf_counter() - loop_start
             eta = elapsed / step * (total_steps - step)
             bar.set_postfix(loss=f"{smoothed:.3f}")
             bar.update(1)
-            if on_step is not None:
+            if on_step is not None and main:
                 on_step(Progress(step, total_steps, smoothed, eta))
     bar.close()
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    accelerator.unwrap_model(model).save_pretrained(out_dir)
+    accelerator.wait_for_everyone()
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        accelerator.unwrap_model(model).save_pretrained(out_dir)
+    accelerator.wait_for_everyone()
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     return TrainResult(out_dir, step, float(smoothed if smoothed is not None else loss_value),
                        time.perf_counter() - started, len(examples), str(accelerator.device), peak,
-                       parameters, trainable)
+                       parameters, trainable, world)
+
+
+def shard(batch: list[int], rank: int, world: int) -> list[int]:
+    """Process ``rank``'s share of a global batch. Every process must take part in every step (DDP waits for
+    all), so a batch smaller than the process count is repeated to fill the short shares."""
+    if world <= 1:
+        return batch
+    mine = batch[rank::world]
+    return mine or [batch[rank % len(batch)]]

@@ -24,10 +24,10 @@ from ml_backend.registry import ModelVersion, Registry
 from ml_backend.settings import Settings
 from ml_backend.transcription import TranscribeOptions, Transcriber
 
-from . import gate
+from . import distributed, gate
 from .dataset import HELDOUT, AudioCache, export_annotated, frozen_splits, load_examples
 from .evaluate import EvalReport, evaluate
-from .lora import LoraArguments, train_lora
+from .lora import LoraArguments
 from .metrics import corpus_error_rate
 
 log = logging.getLogger(__name__)
@@ -119,9 +119,11 @@ def run_training(
     work = Path(tempfile.mkdtemp(prefix="train-", dir=settings.home))
     try:
         on_progress(stage="training", step=0)
-        result = train_lora(base.path, train, args, work / "adapter", progress=progress,
-                            on_step=lambda p: on_progress(stage="training", step=p.step, total_steps=p.total_steps,
-                                                          loss=p.loss, eta_s=p.eta_s))
+        result = distributed.train(
+            base.path, train, args, work / "adapter", processes=distributed.processes_for(settings.train_processes,
+                                                                                          settings.device),
+            progress=progress, on_step=lambda p: on_progress(stage="training", step=p.step,
+                                                             total_steps=p.total_steps, loss=p.loss, eta_s=p.eta_s))
         serial = len(registry.list()) + 1
         version = f"{base.version}-lora{serial:03d}-{_adapter_digest(result.adapter_dir)}"
         candidate = replace(base, version=version, adapter=str(result.adapter_dir), base_version=base.version)

@@ -53,6 +53,7 @@ class TrainBenchRow:
     later_s_per_step: float | None
     peak_memory_mb: float
     final_loss: float
+    processes: int = 1
 
 
 def random_whisper(shape: str, tokenizer_from: str, out_dir: Path) -> Path:
@@ -108,21 +109,25 @@ def _examples(args: argparse.Namespace, settings: Settings, count: int):
                     language=pool[i % len(pool)][2]) for i in range(count)]
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _peak_rss_mb(children: bool = False) -> float:
+    """This process's peak RSS, or with ``children`` the largest of its finished children's (one trainer's)."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench_one(model_path: str, label: str, args: argparse.Namespace, settings: Settings, examples) -> TrainBenchRow:
-    """Train ``args.steps`` steps (rounded up to whole epochs) and time each one."""
-    from training.lora import LoraArguments, train_lora
+def bench_one(model_path: str, label: str, args: argparse.Namespace, settings: Settings, examples,
+              processes: int = 1) -> TrainBenchRow:
+    """Train ``args.steps`` steps (rounded up to whole epochs) on ``processes`` processes and time each one."""
+    from training import distributed
+    from training.lora import LoraArguments
 
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)
     lora = LoraArguments.from_settings(settings, batch_size=args.batch_size, encoder=args.encoder,
                                        epochs=max(1, math.ceil(args.steps / steps_per_epoch)))
     stamps: list[float] = []
     with tempfile.TemporaryDirectory(prefix="bench-train-") as out:
-        result = train_lora(model_path, examples, lora, Path(out),
-                            on_step=lambda progress: stamps.append(time.perf_counter()), progress=not args.quiet)
+        result = distributed.train(model_path, examples, lora, Path(out) / "adapter", processes=processes,
+                                   on_step=lambda progress: stamps.append(time.perf_counter()),
+                                   progress=not args.quiet)
     durations = np.diff(stamps)  # step 1 also pays for loading the model: time from its end
     first_epoch, later = durations[: steps_per_epoch - 1], durations[steps_per_epoch - 1 :]
     return TrainBenchRow(
@@ -135,15 +140,17 @@ def bench_one(model_path: str, label: str, args: argparse.Namespace, settings: S
         steps=result.steps,
         first_epoch_s_per_step=float(np.mean(first_epoch)) if first_epoch.size else float("nan"),
         later_s_per_step=float(statistics.median(later)) if later.size else None,
-        peak_memory_mb=result.peak_memory_mb if result.peak_memory_mb is not None else _peak_rss_mb(),
+        peak_memory_mb=result.peak_memory_mb if result.peak_memory_mb is not None else _peak_rss_mb(processes > 1),
         final_loss=result.final_loss,
+        processes=result.processes,
     )
 
 
 def _fmt(row: TrainBenchRow, first: TrainBenchRow) -> str:
     later = f"{row.later_s_per_step:8.3f}" if row.later_s_per_step is not None else "       -"
     ratio = row.first_epoch_s_per_step / first.first_epoch_s_per_step
-    return (f"{row.model:34s} {row.parameters_m:7.0f} {row.batch_size:5d} {row.steps:5d} "
+    model = row.model if row.processes == 1 else f"{row.model}, {row.processes} processes"
+    return (f"{model:34s} {row.parameters_m:7.0f} {row.batch_size:5d} {row.steps:5d} "
             f"{row.first_epoch_s_per_step:10.3f} {later} {ratio:6.2f}x {row.peak_memory_mb:9.0f} {row.final_loss:6.2f}")
 
 
@@ -170,8 +177,9 @@ def bench_train(args: argparse.Namespace, settings: Settings) -> int:
         for path, label in targets:
             if cuda:
                 torch.cuda.empty_cache()
-            rows.append(bench_one(path, label, args, settings, examples))
-            print(_fmt(rows[-1], rows[0]), flush=True)
+            for processes in args.processes or [1]:
+                rows.append(bench_one(path, label, args, settings, examples, processes))
+                print(_fmt(rows[-1], rows[0]), flush=True)
     print(f"\n{'model':34s} {'M par':>7s} {'batch':>5s} {'steps':>5s} {'ep1 s/step':>10s} {'later':>8s} "
           f"{'vs 1st':>7s} {'peak MB':>9s} {'loss':>6s}")
     for row in rows:
