@@ -124,7 +124,8 @@ class WhisperDecoder:
     """Decodes windows through a fixed number of slots (:class:`DecodeStep`), refilled as rows finish."""
 
     def __init__(self, model, special: SpecialTokens, suppress_tokens: list[int], begin_suppress: list[int],
-                 *, feature_extractor: Any = None, slots: int = 0, cuda_graphs: bool = True):
+                 *, feature_extractor: Any = None, slots: int = 0, cuda_graphs: bool = True,
+                 attention: str = "sdpa"):
         """``slots`` is the decoding batch; 0 is :data:`CPU_SLOTS` on CPU and as many as fit in the free memory
         on CUDA (:func:`gpu_slots`)."""
         self.model, self.special, self.feature_extractor = model, special, feature_extractor
@@ -146,7 +147,7 @@ class WhisperDecoder:
         if slots <= 0:
             slots = gpu_slots(model) if self.device.type == "cuda" else CPU_SLOTS
         self.slots = slots
-        self.cuda_graphs = cuda_graphs
+        self.cuda_graphs, self.attention = cuda_graphs, attention
         self.check_every = GPU_CHECK_EVERY if self.device.type == "cuda" else 1
         self._step: DecodeStep | None = None
         self.steps = 0  # decoder steps run (benchmarks divide by it)
@@ -244,7 +245,8 @@ class WhisperDecoder:
     def _buffers(self, words: bool) -> DecodeStep:
         if self._step is None or (words and self._step.encoded is None):
             self._step = None  # free the old buffers first
-            self._step = DecodeStep(self.model, self.rules, self.slots, words=words, graphs=self.cuda_graphs)
+            self._step = DecodeStep(self.model, self.rules, self.slots, words=words, graphs=self.cuda_graphs,
+                                    attention=self.attention)
         return self._step
 
     def _harvest(self, step: DecodeStep, rows: list[int], requests: list[DecodeRequest]) -> list[DecodeResult]:

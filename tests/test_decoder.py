@@ -86,12 +86,12 @@ def assert_same(reference_out, new_out: dict[int, DecodeResult]) -> None:
         assert got.sequence.logprobs == pytest.approx(sequence.logprobs, abs=1e-4)
 
 
-@pytest.mark.parametrize("timestamps", [True, False])
-def test_tokens_identical_to_the_reference_decoder_on_random_weights(timestamps):
+@pytest.mark.parametrize("timestamps,attention", [(True, "sdpa"), (False, "sdpa"), (True, "matmul")])
+def test_tokens_identical_to_the_reference_decoder_on_random_weights(timestamps, attention):
     model = tiny_whisper()
     feats = features(10)
     suppress, begin = [220, 50256], [220]
-    new = WhisperDecoder(model, special(), suppress, begin, slots=3)
+    new = WhisperDecoder(model, special(), suppress, begin, slots=3, attention=attention)
     expected = decode_reference(model, feats, timestamps, suppress=suppress, begin=begin)
     assert any(len(s.tokens) > 5 for _, s in expected) and len({tuple(s.tokens) for _, s in expected}) > 5
     if timestamps:  # the rules were exercised, and the end
@@ -159,10 +159,12 @@ def test_tokens_identical_to_the_reference_decoder_on_real_speech(settings, shar
 
 
 @cuda
-def test_cuda_graph_replay_gives_the_eager_steps_tokens():
+@pytest.mark.parametrize("attention", ["sdpa", "matmul"])
+def test_cuda_graph_replay_gives_the_eager_steps_tokens(attention):
     model = tiny_whisper(torch.bfloat16, "cuda")
     feats = features(12, seed=4)
-    runs = [decode_new(WhisperDecoder(model, special(), [], [], slots=5, cuda_graphs=g), feats) for g in (True, False)]
+    runs = [decode_new(WhisperDecoder(model, special(), [], [], slots=5, cuda_graphs=g, attention=attention), feats)
+            for g in (True, False)]
     assert [runs[0][i].sequence.tokens for i in range(12)] == [runs[1][i].sequence.tokens for i in range(12)]
 
 

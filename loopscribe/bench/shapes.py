@@ -17,6 +17,7 @@ The peer computes no entropies (it is not asked for scores).
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import time
@@ -118,8 +119,8 @@ def _bench_shape(shape: str, args: argparse.Namespace, cuda: bool, earlier: list
           f"device {torch.cuda.get_device_name() if cuda else 'cpu'}", flush=True)
     _time_encoder(model, features)
 
-    def ours(graphs: bool) -> tuple[int, Callable[..., int]]:
-        decoder = WhisperDecoder(model, special, [], [], slots=args.slots, cuda_graphs=graphs)
+    def ours(graphs: bool, attention: str = "sdpa") -> tuple[int, Callable[..., int]]:
+        decoder = WhisperDecoder(model, special, [], [], slots=args.slots, cuda_graphs=graphs, attention=attention)
 
         def run(n: int = args.windows) -> int:
             got: list[int] = []
@@ -146,6 +147,9 @@ def _bench_shape(shape: str, args: argparse.Namespace, cuda: bool, earlier: list
         ("loopscribe", lambda: ours(True)),
         ("loopscribe, no graphs", lambda: ours(False)),
     ]
+    for attention in getattr(args, "attention", None) or []:
+        if attention != "sdpa":
+            variants.append((f"loopscribe, {attention} attention", functools.partial(ours, True, attention)))
     if getattr(args, "peers", True):
         variants.append(("transformers generate",
                          lambda: (peer_batch, _peer(model, special, features, budgets, peer_batch, False))))
