@@ -77,10 +77,12 @@ def test_recovery_requeues_a_job_whose_worker_died_then_fails_it(tmp_path, setti
 
 @pytest.mark.slow
 @pytest.mark.distributed
+@pytest.mark.parametrize("encoder", [False, True])
 def test_two_process_training_under_accelerate_launch_gives_the_same_kind_of_adapter(settings, tmp_path, clip,
-                                                                                     transcripts):
+                                                                                     transcripts, encoder):
     """TRAIN_PROCESSES=2 on a CPU: `accelerate launch` starts two processes joined over gloo; each trains on its half
-    of every batch, the steps are those of one process, and the main process saves a peft adapter that serves."""
+    of every batch, the steps are those of one process, both end with the same adapter (checked by the trainer:
+    with the encoder adapted too, it runs outside DDP's forward), and the main process saves one that serves."""
     from ml_backend.engine import WhisperEngine
     from ml_backend.model_store import resolve_base
     from training import distributed
@@ -89,7 +91,7 @@ def test_two_process_training_under_accelerate_launch_gives_the_same_kind_of_ada
     examples = [Example(task=i, audio=clip(n)[: 30 * 16000], text=transcripts[n]["text"],
                         language=transcripts[n]["language"]) for i, n in enumerate(names * 2)]
     base = resolve_base(settings, "base")
-    args = LoraArguments.from_settings(settings, epochs=1, batch_size=4, device="cpu")
+    args = LoraArguments.from_settings(settings, epochs=1, batch_size=4, device="cpu", encoder=encoder)
     steps: list[int] = []
     result = distributed.train(base.path, examples, args, tmp_path / "adapter", processes=2,
                                on_step=lambda p: steps.append(p.step), progress=False)
@@ -99,3 +101,23 @@ def test_two_process_training_under_accelerate_launch_gives_the_same_kind_of_ada
                             resolved=replace(base, version="two-process", adapter=str(tmp_path / "adapter")))
     text = adapted.transcribe([clip("jfk_en.flac")])[0].text
     assert "country" in text.lower(), text
+
+
+def test_replicas_that_ended_with_different_adapters_are_an_error():
+    import torch
+
+    from training.lora import check_replicas_agree
+
+    class Gather:
+        device = "cpu"
+
+        def __init__(self, drift: float):
+            self.drift = drift
+
+        def gather(self, value):
+            return torch.cat([value, value + self.drift])
+
+    model = torch.nn.Linear(2, 1)
+    check_replicas_agree(Gather(0.0), model)
+    with pytest.raises(RuntimeError, match="different adapters"):
+        check_replicas_agree(Gather(1e-3), model)

@@ -257,6 +257,8 @@ def train_lora(
     bar.close()
 
     out_dir = Path(out_dir)
+    if world > 1:
+        check_replicas_agree(accelerator, accelerator.unwrap_model(model))
     accelerator.wait_for_everyone()
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -266,6 +268,16 @@ def train_lora(
     return TrainResult(out_dir, step, float(smoothed if smoothed is not None else loss_value),
                        time.perf_counter() - started, len(examples), str(accelerator.device), peak,
                        parameters, trainable, world)
+
+
+def check_replicas_agree(accelerator, model) -> None:
+    """Every process must end with the same adapter (DDP all-reduces the gradients): a replica that drifted, say
+    through parameters used outside the wrapped forward, would make the saved adapter one process's guess."""
+    trainable = [p.detach().double().sum() for p in model.parameters() if p.requires_grad]
+    checksum = torch.stack(trainable).sum().reshape(1).to(accelerator.device)
+    everyone = accelerator.gather(checksum).cpu()
+    if not torch.allclose(everyone, everyone[0].expand_as(everyone), rtol=1e-6, atol=1e-9):
+        raise RuntimeError(f"data-parallel replicas ended with different adapters (checksums {everyone.tolist()})")
 
 
 def shard(batch: list[int], rank: int, world: int) -> list[int]:
