@@ -117,7 +117,7 @@ class DecodeStep:
         self._scaling = self.head_dim ** -0.5
         self._state = [self.token, self.pos, self.prompt, self.prompt_len, self.n, self.last, self.penult,
                        self.last_stamp, self.done]
-        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Any]] = {}
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self._pool: Any = None  # one memory pool for all graphs: they never run at the same time
         self.timestamps = True  # Whisper's timestamp rules on; set per run (part of a graph's key)
 
@@ -165,8 +165,9 @@ class DecodeStep:
         """Advance every slot by one position, attending over the first ``length`` positions.
 
         ``length`` must exceed every live slot's position. On CUDA the step is replayed from a graph
-        captured per (length bucket, ``adapter_key``): the key names whatever changes the model's
-        modules (the active LoRA adapter), since a graph replays the modules it saw.
+        captured per (length bucket, timestamp rules on or off, ``adapter_key``): the adapter key names
+        whatever changes the model's modules (the active LoRA adapter), since a graph replays the modules
+        it saw. Weights that change otherwise need a new :class:`DecodeStep`.
         """
         length = min(self.positions, -(-length // POSITION_BUCKET) * POSITION_BUCKET)
         if self.device.type != "cuda" or not self.graphs:
@@ -176,13 +177,9 @@ class DecodeStep:
         key = (length, self.timestamps, adapter_key)
         if key not in self._graphs:
             self._graphs[key] = self._capture(length)
-        self._graphs[key][0].replay()
+        self._graphs[key].replay()
 
-    def reset_graphs(self) -> None:
-        """Forget captured graphs (call when the model's weights or adapters change)."""
-        self._graphs.clear()
-
-    def _capture(self, length: int) -> tuple[torch.cuda.CUDAGraph, Any]:
+    def _capture(self, length: int) -> torch.cuda.CUDAGraph:
         saved = [t.clone() for t in self._state]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -199,7 +196,7 @@ class DecodeStep:
             self._step(length)
         for tensor, value in zip(self._state, saved):  # capturing ran nothing, but be exact
             tensor.copy_(value)
-        return graph, saved
+        return graph
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    mask: torch.Tensor | None = None) -> torch.Tensor:

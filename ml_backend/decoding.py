@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .audio import SAMPLE_RATE
 from .decode_step import DecodeStep, StepRules
 from .whisper import TIME_PRECISION
 
@@ -179,7 +180,7 @@ class WhisperDecoder:
     def features(self, requests: list[DecodeRequest]) -> torch.Tensor:
         missing = [r for r in requests if r.features is None]
         if missing:
-            feats = self.feature_extractor([r.samples for r in missing], sampling_rate=16000,
+            feats = self.feature_extractor([r.samples for r in missing], sampling_rate=SAMPLE_RATE,
                                            return_tensors="pt").input_features
             for r, f in zip(missing, feats):
                 r.features = f
@@ -231,9 +232,7 @@ class WhisperDecoder:
                 self.steps += 1
                 for s in live:
                     age[s] += 1
-            finished = [s for s in live if bool(step.done[s])] if self.device.type != "cuda" \
-                else torch.nonzero(step.done).flatten().tolist()
-            finished = [s for s in finished if s in live]
+            finished = [s for s in torch.nonzero(step.done).flatten().tolist() if s in live]
             if not finished:
                 continue
             for result in self._harvest(step, finished, [live[s] for s in finished]):

@@ -309,8 +309,9 @@ class WhisperEngine:
         done: list[tuple[_Window, _WindowResult]] = []
         best: dict[int, tuple[DecodedSequence, Uncertainty, DecodeResult]] = {}
 
-        def request(window: _Window, attempt: int = 0, rounds: int = 0) -> DecodeRequest:
-            return DecodeRequest(samples=window.samples, temperature=temperatures[attempt],
+        def request(window: _Window, attempt: int = 0, rounds: int = 0,
+                    features: torch.Tensor | None = None) -> DecodeRequest:
+            return DecodeRequest(samples=window.samples, features=features, temperature=temperatures[attempt],
                                  tag=(window, attempt, rounds))
 
         def settle(result: DecodeResult) -> list[DecodeRequest]:
@@ -321,8 +322,7 @@ class WhisperEngine:
             if previous is None or self._better(u, previous[1]):
                 best[id(window)] = previous = (seq, u, result)
             if u.needs_fallback() and attempt + 1 < len(temperatures):
-                return [DecodeRequest(samples=window.samples, features=result.request.features,
-                                      temperature=temperatures[attempt + 1], tag=(window, attempt + 1, rounds))]
+                return [request(window, attempt + 1, rounds, result.request.features)]
             del best[id(window)]
             seq, u, chosen = previous
             language, probability = self._language(chosen, options)

@@ -1,102 +1,28 @@
-"""A compact batched Whisper decoder over a Hugging Face model, exposing what uncertainty needs.
+"""The decoder Loopscribe served before the static-shape step (kept, frozen, as the tests' reference).
 
-``WhisperForConditionalGeneration.generate`` hides the per-step distributions behind
-several layers of processors and long-form logic. Here the steps are explicit, as in
-openai-whisper and faster-whisper: encode once; one decoder step after
-``<|startoftranscript|>`` gives the language posterior and the no-speech probability;
-then greedy (or temperature-sampled) decoding with a KV cache, Whisper's suppression
-and timestamp rules, and per-token entropy and log-probability of the distribution the
-token was actually chosen from.
+A plain loop over Hugging Face's decoder with a growing KV cache: one decoder step after
+``<|startoftranscript|>`` gives the language posterior and the no-speech probability; then
+greedy (or temperature-sampled) decoding with Whisper's suppression and timestamp rules
+applied row by row. ``tests/test_decoder.py`` checks that :mod:`ml_backend.decoding` gives
+the same tokens. The result types and the entropy are the product's own.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Collection
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ml_backend.decode_step import token_entropy
+from ml_backend.decoding import (
+    MAX_INITIAL_TIMESTAMP,
+    SAMPLE_LEN,
+    DecodedSequence,
+    LanguagePosterior,
+    SpecialTokens,
+)
 from ml_backend.whisper import TIME_PRECISION
-
-SAMPLE_LEN = 224  # Whisper samples at most n_text_ctx // 2 tokens per 30 s window
-MAX_INITIAL_TIMESTAMP = 1.0  # seconds
-
-
-@dataclass(frozen=True)
-class SpecialTokens:
-    """Ids of Whisper's control tokens, read from the tokenizer (they shift by one on *.en models)."""
-
-    eot: int
-    sot: int
-    translate: int
-    transcribe: int
-    no_speech: int
-    no_timestamps: int
-    timestamp_begin: int
-    languages: dict[str, int]  # code → token id; empty on English-only models
-
-    @property
-    def multilingual(self) -> bool:
-        return bool(self.languages)
-
-    @classmethod
-    def from_tokenizer(cls, tokenizer, language_codes: list[str], multilingual: bool) -> SpecialTokens:
-        """``multilingual`` comes from the model: *.en tokenizers list language tokens the model never learned."""
-        ids = tokenizer.convert_tokens_to_ids
-        no_timestamps = ids("<|notimestamps|>")
-        vocab = tokenizer.get_vocab()
-        languages = {code: vocab[f"<|{code}|>"] for code in language_codes if f"<|{code}|>" in vocab}
-        if not multilingual:
-            languages = {}
-        return cls(
-            eot=ids("<|endoftext|>"),
-            sot=ids("<|startoftranscript|>"),
-            translate=ids("<|translate|>"),
-            transcribe=ids("<|transcribe|>"),
-            no_speech=no_timestamps - 1,  # <|nospeech|> / <|nocaptions|> sits right before it
-            no_timestamps=no_timestamps,
-            timestamp_begin=no_timestamps + 1,
-            languages=languages,
-        )
-
-
-@dataclass
-class LanguagePosterior:
-    probabilities: dict[str, float]  # all languages the model knows, summing to 1
-    no_speech_prob: float
-
-    def best(self, among: Collection[str] | None = None) -> tuple[str, float]:
-        """The likeliest language, and its probability. With ``among`` (a project's languages) the choice is
-        restricted to those and the probability renormalized over them."""
-        allowed = {c: p for c, p in self.probabilities.items() if among is None or c in among} or self.probabilities
-        code = max(allowed, key=allowed.__getitem__)
-        total = sum(allowed.values())
-        return code, allowed[code] / total if total > 0 else 1.0
-
-
-@dataclass
-class DecodedSequence:
-    """Sampled tokens (prompt and final <|endoftext|> excluded) with per-step signals.
-
-    ``entropies`` and ``logprobs`` have one more entry than ``tokens``: the last is the
-    step that chose <|endoftext|> (or hit the length limit).
-    """
-
-    tokens: list[int]
-    entropies: list[float]
-    logprobs: list[float]
-    finished: bool
-
-
-def token_entropy(log_p: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of each row's next-token distribution.
-
-    Suppressed tokens have log-probability -inf; ``p * log p`` is NaN there, ``entr`` is 0, so
-    the entropy is that of the tokens Whisper may actually emit.
-    """
-    return torch.special.entr(log_p.exp()).sum(-1)
 
 
 class WhisperDecoder:

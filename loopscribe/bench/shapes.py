@@ -27,15 +27,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-SHAPES: dict[str, dict[str, Any]] = {
-    "base": dict(d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
-                 decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048, num_mel_bins=80,
-                 vocab_size=51865),
-    "large-v3": dict(d_model=1280, encoder_layers=32, decoder_layers=32, encoder_attention_heads=20,
-                     decoder_attention_heads=20, encoder_ffn_dim=5120, decoder_ffn_dim=5120, num_mel_bins=128,
-                     vocab_size=51866),
-}
-TOKENS_PER_SECOND = 4.0  # text tokens per second of read English (speechocean762 train: ~3.4; LJSpeech ~4)
+from .train import shape_dimensions
+
+# Text tokens per second of audio: at the high end of what the reference transcripts here give (speechocean762
+# train 1.57, the JFK clip 2.27, the ComfyUI talk 3.95), so every engine decodes at least as much as real speech needs
+TOKENS_PER_SECOND = 4.0
 FIRST_LANGUAGE_ID = 50259  # <|en|>; the language tokens follow <|startoftranscript|> on every multilingual vocab
 
 
@@ -58,8 +54,9 @@ class ShapeRow:
 def random_whisper(shape: str, device: torch.device, dtype: torch.dtype) -> Any:
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-    config = WhisperConfig(**SHAPES[shape], max_source_positions=1500, max_target_positions=448,
-                           bos_token_id=50257, eos_token_id=50257, pad_token_id=50257, decoder_start_token_id=50258)
+    config = WhisperConfig.from_dict({**shape_dimensions(shape), "max_source_positions": 1500,
+                                      "max_target_positions": 448, "bos_token_id": 50257, "eos_token_id": 50257,
+                                      "pad_token_id": 50257, "decoder_start_token_id": 50258})
     with torch.device(device):
         model: Any = WhisperForConditionalGeneration(config)
     return model.to(dtype).eval()

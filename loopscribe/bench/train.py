@@ -56,6 +56,16 @@ class TrainBenchRow:
     processes: int = 1
 
 
+def shape_dimensions(shape: str, vocab_size: int = 51865) -> dict[str, int]:
+    """``WhisperConfig`` fields of a published size; large-v3 has 128 mel bins and one more vocabulary row
+    (the ``<|yue|>`` token) than the multilingual ``vocab_size`` of the others."""
+    d_model, layers, heads = SHAPES[shape]
+    return {"d_model": d_model, "encoder_layers": layers, "decoder_layers": layers,
+            "encoder_attention_heads": heads, "decoder_attention_heads": heads, "encoder_ffn_dim": 4 * d_model,
+            "decoder_ffn_dim": 4 * d_model, "num_mel_bins": 128 if shape == "large-v3" else 80,
+            "vocab_size": vocab_size + (1 if shape == "large-v3" else 0)}
+
+
 def random_whisper(shape: str, tokenizer_from: str, out_dir: Path) -> Path:
     """A randomly initialized Whisper of a published size, saved (fp16) with a working tokenizer.
 
@@ -69,15 +79,11 @@ def random_whisper(shape: str, tokenizer_from: str, out_dir: Path) -> Path:
         WhisperTokenizer,
     )
 
-    d_model, layers, heads = SHAPES[shape]
-    mels = 128 if shape == "large-v3" else 80
     base = WhisperConfig.from_pretrained(tokenizer_from)
-    config = WhisperConfig.from_dict({
-        **base.to_dict(), "d_model": d_model, "encoder_layers": layers, "decoder_layers": layers,
-        "encoder_attention_heads": heads, "decoder_attention_heads": heads, "encoder_ffn_dim": 4 * d_model,
-        "decoder_ffn_dim": 4 * d_model, "num_mel_bins": mels, "num_hidden_layers": layers,
-        "vocab_size": base.vocab_size + (1 if shape == "large-v3" else 0),
-    })
+    dimensions = shape_dimensions(shape, base.vocab_size)
+    mels = dimensions["num_mel_bins"]
+    config = WhisperConfig.from_dict({**base.to_dict(), **dimensions,
+                                      "num_hidden_layers": dimensions["encoder_layers"]})
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
         model = WhisperForConditionalGeneration(config)
