@@ -9,6 +9,7 @@
     loopscribe bench probe [--slow 20] [--burst 20]
     loopscribe bench uncertainty [--vocabulary N] [--json FILE]
     loopscribe bench loop [--rounds R] [--k K] [--strategy entropy|random]
+    loopscribe bench ledger [--database-url URL] [--threads N]
     loopscribe up | down | status [--json]
     loopscribe import --project N [--storage local|upload] PATH...
     loopscribe predict --project N [--all|--missing] [--queue]
@@ -172,7 +173,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from . import jobs, labelstudio, stack
 
     paths = stack.StackPaths(settings.home)
-    registry, base = Registry(settings.home), resolve_base(settings)
+    registry, base = Registry.open(settings), resolve_base(settings)
     default = live_model(settings)
     status: dict = {
         "label_studio_url": settings.label_studio_url,
@@ -189,7 +190,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         status["projects"] = _project_report(labelstudio.client(settings), settings)
     except Exception as exc:  # Label Studio down or refusing the token: say so, still print the rest
         status["label_studio_error"] = f"{type(exc).__name__}: {exc}"[:300]
-    ledger = Ledger(settings.ledger_path)
+    ledger = Ledger(settings.ledger_url)
     known = {p["id"] for p in status["projects"]}
     status["projects"] += [{"id": pid, "title": "", "tasks": None, "model_version": ""}
                            for pid in ledger.projects() if pid not in known]
@@ -277,7 +278,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     print(f"{'queued' if created else 'already queued or running'}: training job {job.id} for project {args.project}")
     if not args.wait:
         return 0
-    ledger, last = Ledger(settings.ledger_path), None
+    ledger, last = Ledger(settings.ledger_url), None
     while True:
         j = ledger.jobs.require(job.id)
         line = f"job {j.id} {j.state} {j.stage or ''} step {j.step or 0}/{j.total_steps or '?'}" + (
@@ -308,7 +309,7 @@ def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
 
     from ml_backend.registry import GLOBAL, project_of
 
-    registry = Registry(settings.home)
+    registry = Registry.open(settings)
     base = resolve_base(settings)
     scope = _lineage(args)
     if args.models_command == "list":
@@ -587,6 +588,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "+ espeak-ng sentences)")
     p.add_argument("--json", type=Path, help="also write the table as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_bench)
+
+    p = bench.add_parser("ledger", help="webhook events/s into the ledger from N threads: SQLite, and a database "
+                         "server with --database-url")
+    p.add_argument("--database-url", help="e.g. postgresql://user@host/scratch (an empty scratch database)")
+    p.add_argument("--threads", type=int, action="append", help="repeatable; default 1, 4 and 16")
+    p.add_argument("--annotations", type=int, default=500, help="annotations per run (6 deliveries each)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("up", help="start Label Studio and the ML backend, create and pre-annotate the demo project")

@@ -131,7 +131,7 @@ def blueprint(settings: Settings, *, queue_depth: Callable[[], dict] | None = No
 
     @pages.get("/dashboard")
     def show():
-        ledger, registry = Ledger(settings.ledger_path), Registry(settings.home)
+        ledger, registry = Ledger(settings.ledger_url), Registry.open(settings)
         base = resolve_base(settings)
         projects = sorted(set(ledger.projects()) | {v.project for v in registry.list() if v.project is not None})
         default = live_model(settings)
@@ -156,7 +156,7 @@ def blueprint(settings: Settings, *, queue_depth: Callable[[], dict] | None = No
     def promote():
         check_csrf()
         version, scope = request.form.get("version", ""), request.form.get("scope") or None
-        registry = Registry(settings.home)
+        registry = Registry.open(settings)
         try:
             target = scope or registry.get(version).scope
             previous = registry.promote(version, resolve_base(settings).version, scope=target)
@@ -171,7 +171,7 @@ def blueprint(settings: Settings, *, queue_depth: Callable[[], dict] | None = No
         scope = request.form.get("scope") or ""
         try:
             project_of(scope)  # validates
-            now = Registry(settings.home).rollback(resolve_base(settings).version, scope=scope)
+            now = Registry.open(settings).rollback(resolve_base(settings).version, scope=scope)
         except LoopscribeError as exc:
             abort(400, str(exc))
         return done(f"{scope} rolled back to {now}")

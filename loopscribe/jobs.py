@@ -79,7 +79,7 @@ def run_training_job(job_id: int) -> dict:
     from . import labelstudio
 
     settings = Settings.from_env()
-    ledger = Ledger(settings.ledger_path)
+    ledger = Ledger(settings.ledger_url)
     job = ledger.jobs.claim(job_id, worker_id())
     if job is None:
         log.info("training job %s is not queued any more (duplicate message); skipped", job_id)
@@ -132,7 +132,7 @@ def recover_jobs(settings: Settings, enqueue=None, *, on_start: bool = False) ->
     A worker counts as gone when it ran on this host and its pid is dead, or when its last
     heartbeat is older than :data:`STALE_HEARTBEAT_S` (other hosts).
     """
-    ledger = Ledger(settings.ledger_path)
+    ledger = Ledger(settings.ledger_url)
     enqueue = enqueue or enqueue_training_job
     host = socket.gethostname()
     changed = []
@@ -177,7 +177,7 @@ def enqueue_training_job(job_id: int) -> None:
 def request_training(settings: Settings, project: int, trigger: str = "cli",
                      params: dict | None = None) -> tuple[Job, bool]:
     """Queue a training job for ``project`` now (coalesced with a queued or running one)."""
-    job, created = Ledger(settings.ledger_path).jobs.request(project, trigger, params)
+    job, created = Ledger(settings.ledger_url).jobs.request(project, trigger, params)
     if job is None:  # only a threshold can decline, and none was given
         raise LoopscribeError(f"no training job for project {project}")
     if created:

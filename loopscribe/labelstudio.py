@@ -33,6 +33,7 @@ from ml_backend.fetch import AudioFetcher, AudioFetchError, load_task_audio
 from ml_backend.label_config import parse_label_config
 from ml_backend.predictions import to_prediction
 from ml_backend.settings import Settings
+from ml_backend.splits import serving_score
 from ml_backend.transcription import TranscribeOptions, Transcriber
 
 log = logging.getLogger(__name__)
@@ -268,7 +269,9 @@ def predict_project(
             if clips:
                 transcripts = engine.transcribe(clips, options)
                 predictions = checked_predictions(
-                    interface, [to_prediction(t, config, settings.unsure_word_probability) | {"task": i}
+                    interface, [to_prediction(t, config, settings.unsure_word_probability,
+                                              serving_score(t.confidence, project, i, settings.heldout_fraction,
+                                                            settings.heldout_ahead)) | {"task": i}
                                 for i, t in zip(ids, transcripts)], report, config.unsure_name)
                 created = ls.projects.import_predictions(id=project, request=predictions).created  # type: ignore[arg-type]
                 if created is not None and created < len(predictions):  # Label Studio drops what it finds invalid

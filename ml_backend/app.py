@@ -54,6 +54,7 @@ from .predictions import to_prediction
 from .projects import ProjectDirectory, ProjectState
 from .safelog import clip
 from .settings import Settings
+from .splits import serving_score
 from .transcription import TranscribeOptions, Transcriber
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,10 @@ class PredictionService:
                 good = [(i, clip_) for i, clip_ in zip(part, loaded) if clip_ is not None]
                 transcripts = engine.transcribe([c for _, c in good], options) if good else []
                 for (i, _), t in zip(good, transcripts):
-                    results[i] = to_prediction(t, config, self.settings.unsure_word_probability)
+                    task_id = parsed[i].id if parsed[i] is not None else None  # type: ignore[union-attr]
+                    score = serving_score(t.confidence, task_project, task_id, self.settings.heldout_fraction,
+                                          self.settings.heldout_ahead)
+                    results[i] = to_prediction(t, config, self.settings.unsure_word_probability, score)
                 if metrics:
                     metrics.tasks.labels("ok").inc(len(good))
                     metrics.tasks.labels("error").inc(len(part) - len(good))
@@ -185,7 +189,7 @@ def create_app(settings: Settings | None = None, engine: Transcriber | None = No
     if warm_up:
         service.warm_up()
     metrics = Metrics()
-    ledger = Ledger(settings.ledger_path)
+    ledger = Ledger(settings.ledger_url)
     projects = ProjectDirectory(service.fetcher.auth, service.fetcher.session)
     predict_slots = threading.BoundedSemaphore(max(1, settings.max_concurrent_predicts))
     events_file = settings.home / "webhooks" / "events.jsonl"
@@ -323,7 +327,7 @@ def create_app(settings: Settings | None = None, engine: Transcriber | None = No
             project = int(request.args["project"]) if "project" in request.args else None
         except ValueError:
             return error(400, "project: expected an integer")
-        registry = Registry(settings.home)
+        registry = Registry.open(settings)
         live = service.model_version(project)
         fine_tuned = [v.version for v in registry.list(project) if v.status in ("live", "retired")]
         served = [service.live.served_version(v) for v in reversed(fine_tuned)]

@@ -15,29 +15,19 @@ value of the database's sequence, which is how training jobs say which correctio
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.engine import Connection
 
 from .annotations import classify, extract
 from .database import Database
 from .label_config import LabelConfigError, TranscriptionConfig, parse_label_config
 from .payloads import ANNOTATION_ACTIONS, DELETE_ACTION
+from .schema import annotations_table
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS annotations (
-    id INTEGER PRIMARY KEY,          -- Label Studio annotation id
-    project INTEGER NOT NULL,
-    task INTEGER,
-    updated_at REAL NOT NULL,        -- the annotation's own updated_at (orders events)
-    kind TEXT NOT NULL,              -- correction | verified | cancelled | deleted
-    text TEXT, language TEXT, predicted_text TEXT, predicted_language TEXT,
-    model_version TEXT,              -- of the prediction it started from
-    changed_seq INTEGER NOT NULL     -- sequence of the last content change
-);
-CREATE INDEX IF NOT EXISTS annotations_project ON annotations(project, kind, changed_seq);
-"""
 CONTENT = ("kind", "text", "language", "predicted_text", "predicted_language", "model_version")
 
 
@@ -106,59 +96,63 @@ class CorrectionsStore:
         project = annotation.get("project") or (event.get("project") or {}).get("id")
         updated = _timestamp(annotation.get("updated_at") or annotation.get("created_at"))
         row = self._classify(annotation, event)
+        this = annotations_table.c.id == ann_id
         with self.db.transaction() as db:
-            old = db.execute("SELECT * FROM annotations WHERE id = ?", (ann_id,)).fetchone()
+            old = db.execute(select(annotations_table).where(this)).mappings().first()
             if old is not None and (old["kind"] == "deleted" or old["updated_at"] > updated):
                 return 0  # deleted for good, or a stale (out-of-order) event
             if old is not None and all(old[f] == row[f] for f in CONTENT):
                 if old["updated_at"] != updated:
-                    db.execute("UPDATE annotations SET updated_at = ? WHERE id = ?", (updated, ann_id))
+                    db.execute(update(annotations_table).where(this).values(updated_at=updated))
                 return 0  # a replay, or a save that changed nothing
-            seq = Database.next_seq(db)
-            db.execute(
-                "INSERT OR REPLACE INTO annotations(id, project, task, updated_at, kind, text, language,"
-                " predicted_text, predicted_language, model_version, changed_seq)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (ann_id, project, task, updated, *(row[f] for f in CONTENT), seq),
-            )
+            values = row | {"project": project, "task": task, "updated_at": updated,
+                            "changed_seq": Database.next_seq(db)}
+            if old is None:
+                db.execute(insert(annotations_table).values(id=ann_id, **values))
+            else:
+                db.execute(update(annotations_table).where(this).values(**values))
             return 1
 
     def _delete(self, ids: list[int], project: int | None) -> int:
         changed = 0
         with self.db.transaction() as db:
             for ann_id in ids:
-                old = db.execute("SELECT kind FROM annotations WHERE id = ?", (ann_id,)).fetchone()
-                if old is not None and old["kind"] == "deleted":
+                this = annotations_table.c.id == ann_id
+                kind = db.execute(select(annotations_table.c.kind).where(this)).scalar()
+                if kind == "deleted":
                     continue
-                seq = Database.next_seq(db)
-                if old is None:
-                    db.execute("INSERT INTO annotations(id, project, updated_at, kind, changed_seq)"
-                               " VALUES (?, ?, ?, 'deleted', ?)", (ann_id, project or 0, float("inf"), seq))
+                tombstone = {"kind": "deleted", "updated_at": float("inf"), "changed_seq": Database.next_seq(db)}
+                if kind is None:
+                    db.execute(insert(annotations_table).values(id=ann_id, project=project or 0, **tombstone))
                 else:
-                    db.execute("UPDATE annotations SET kind = 'deleted', updated_at = ?, changed_seq = ?, task = NULL,"
-                               " text = NULL, language = NULL, predicted_text = NULL, predicted_language = NULL,"
-                               " model_version = NULL WHERE id = ?", (float("inf"), seq, ann_id))
+                    db.execute(update(annotations_table).where(this).values(
+                        task=None, **{f: None for f in CONTENT if f != "kind"}, **tombstone))
                 changed += 1
         return changed
 
     def snapshot(self, project: int | None = None) -> list[dict]:
         """The annotation state (without bookkeeping columns): what idempotency is judged on."""
-        query = ("SELECT id, project, task, kind, text, language, predicted_text, predicted_language, model_version"
-                 " FROM annotations WHERE (? IS NULL OR project = ?) ORDER BY id")
+        c = annotations_table.c
+        query = select(c.id, c.project, c.task, *(c[f] for f in CONTENT)).order_by(c.id)
+        if project is not None:
+            query = query.where(c.project == project)
         with self.db.connect() as db:
-            return [dict(r) for r in db.execute(query, (project, project))]
+            return [dict(r) for r in db.execute(query).mappings()]
 
     def counts(self, project: int) -> dict[str, int]:
+        c = annotations_table.c
         with self.db.connect() as db:
-            rows = db.execute("SELECT kind, COUNT(*) FROM annotations WHERE project = ? GROUP BY kind", (project,))
+            rows = db.execute(select(c.kind, func.count()).where(c.project == project).group_by(c.kind))
             return {kind: n for kind, n in rows}
 
     @staticmethod
-    def count_since(db: sqlite3.Connection, project: int, seq: int) -> int:
+    def count_since(db: Connection, project: int, seq: int) -> int:
         """Corrections of ``project`` changed after sequence ``seq`` (inside the caller's connection)."""
-        return int(db.execute("SELECT COUNT(*) FROM annotations WHERE project = ? AND kind = 'correction'"
-                              " AND changed_seq > ?", (project, seq)).fetchone()[0])
+        c = annotations_table.c
+        return int(db.execute(select(func.count()).where(c.project == project, c.kind == "correction",
+                                                         c.changed_seq > seq)).scalar() or 0)
 
     def projects(self) -> list[int]:
         with self.db.connect() as db:
-            return [r[0] for r in db.execute("SELECT DISTINCT project FROM annotations WHERE project > 0")]
+            c = annotations_table.c
+            return list(db.execute(select(c.project).distinct().where(c.project > 0)).scalars())

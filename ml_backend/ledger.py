@@ -1,4 +1,4 @@
-"""The ledger: one SQLite file (``$LOOPSCRIBE_HOME/ledger.db``) holding three stores, each with its own job.
+"""The ledger: one database (``$LOOPSCRIBE_HOME/ledger.db`` or ``DATABASE_URL``) holding three stores, each its own job.
 
 * :attr:`Ledger.corrections`: annotation webhooks, idempotent and order-independent
   (:class:`~ml_backend.corrections.CorrectionsStore`);
@@ -18,15 +18,12 @@ from .database import Database
 
 
 class Ledger:
-    def __init__(self, path: Path):
-        self.db = Database(path, corrections.SCHEMA + training_jobs.SCHEMA + splits.SCHEMA)
+    def __init__(self, location: str | Path):
+        """``location``: a SQLite file, or a database URL (``Settings.ledger_url``: ``DATABASE_URL`` when set)."""
+        self.db = Database(location)
         self.corrections = corrections.CorrectionsStore(self.db)
         self.jobs = training_jobs.JobStore(self.db)
         self.splits = splits.SplitStore(self.db)
-
-    @property
-    def path(self) -> Path:
-        return self.db.path
 
     def projects(self) -> list[int]:
         """Projects with corrections or jobs."""

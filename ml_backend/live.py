@@ -66,7 +66,7 @@ def live_model(settings: Settings, project: int | None = None, *, install_missin
     from .whisper import quantizes
 
     base = resolve_base(settings, install_missing=install_missing)
-    registry = Registry(settings.home)
+    registry = Registry.open(settings)
     choice = registry.choose(base.version, project)
     live = choice.version
     resolved = base if live is None else replace(base, version=live.version,

@@ -38,7 +38,9 @@ def to_result(t: Transcription, config: TranscriptionConfig, unsure_below: float
     return items
 
 
-def to_prediction(t: Transcription, config: TranscriptionConfig, unsure_below: float = 0.0) -> dict:
-    """One /predict item: result, score (= confidence, lower is less sure) and model_version."""
-    return {"result": to_result(t, config, unsure_below), "score": round(t.confidence, 6),
-            "model_version": t.model_version}
+def to_prediction(t: Transcription, config: TranscriptionConfig, unsure_below: float = 0.0,
+                  score: float | None = None) -> dict:
+    """One /predict item: result, score (what Label Studio ranks by, lowest first: the confidence, or the
+    held-out split's :func:`~ml_backend.splits.serving_score`) and model_version."""
+    return {"result": to_result(t, config, unsure_below),
+            "score": round(t.confidence if score is None else score, 9), "model_version": t.model_version}

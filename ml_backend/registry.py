@@ -4,33 +4,42 @@ Every project has its own lineage: corrections in project 3 train versions that 
 project 3 only. A project without its own live version serves the **global** one, which
 only an admin sets (``models promote V --scope global``), or the base model itself.
 
-Layout under ``$LOOPSCRIBE_HOME/registry``::
+The metadata lives in the ledger's database (:mod:`ml_backend.schema`: ``model_versions``,
+``live_pointers`` with one row per lineage, ``live_history``), so every replica and worker
+sees one truth and a promotion or rollback is one transaction. The adapters are files::
 
-    live/<scope>.json          {"scope", "version", "base_version", "since"}; scope is ``project-N`` or
-                               ``global`` (os.replace: atomic; one row per scope in a database)
-    history.jsonl              every change of a live version: {"at", "scope", "action", "from", "to"}
-    versions/<version>/        version.json (metadata, status, evaluation report) + adapter/ (peft)
+    $LOOPSCRIBE_HOME/registry/versions/<version>/adapter/     (peft)
 
-Registries from before per-project lineages had one ``live.json``; it is moved in place to the
-lineage of the project whose corrections trained the version (see :meth:`Registry.migrate`).
+Registries from before the database kept the metadata in files beside them (``live/<scope>.json``,
+``history.jsonl``, ``versions/<version>/version.json``, and before per-project lineages one
+``live.json``); :meth:`Registry.import_files` moves them in on first open.
 Serving processes poll the pointers and hot-swap (see :mod:`ml_backend.live`).
 """
 
 from __future__ import annotations
 
 import builtins
-import fcntl
 import json
+import logging
 import os
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.engine import Connection
+
+from .database import Database
 from .errors import LoopscribeError
+from .schema import live_history_table, live_pointers_table, model_versions_table
+
+if TYPE_CHECKING:
+    from .settings import Settings
+
+log = logging.getLogger(__name__)
 
 GLOBAL = "global"
 
@@ -81,15 +90,6 @@ class ModelVersion:
         return self.error_before - self.error_after
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 @dataclass(frozen=True)
 class LiveChoice:
     """What serves a project: ``version`` None means the base model itself; ``scope`` says whose pointer chose."""
@@ -98,91 +98,135 @@ class LiveChoice:
     scope: str  # project-N, global, or "base" (no pointer applies)
 
 
+def _version_row(v: ModelVersion) -> dict[str, Any]:
+    row = asdict(v)
+    row["params"], row["report"] = json.dumps(v.params), json.dumps(v.report)
+    return row
+
+
+def _version(row: Any) -> ModelVersion:
+    d = dict(row)
+    d["params"], d["report"] = json.loads(d["params"] or "{}"), json.loads(d["report"] or "{}")
+    return ModelVersion(**d)
+
+
+def _pointer(row: Any) -> dict:
+    return {"scope": row["scope"], "version": row["version"], "base_version": row["base_version"],
+            "since": row["since"]}
+
+
 class Registry:
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, database: str | Path | None = None):
+        """``database``: the ledger's (``Settings.ledger_url``); default ``ledger.db`` in ``home``."""
         self.root = Path(home) / "registry"
         self.versions_dir = self.root / "versions"
-        self.live_dir = self.root / "live"
+        self.db = Database(database if database is not None else Path(home) / "ledger.db")
+        self.import_files()
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Serialize writers (promote, rollback, status changes) across processes."""
-        self.versions_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    @classmethod
+    def open(cls, settings: Settings) -> Registry:
+        return cls(settings.home, settings.ledger_url)
 
-    # ---- migration ------------------------------------------------------------------------------
+    # ---- the registry before the database -------------------------------------------------------
 
-    def migrate(self) -> str | None:
-        """Move a single-lineage ``live.json`` into the lineage of the project that trained its version.
+    def _legacy_files(self) -> builtins.list[Path]:
+        files = [self.root / "live.json", self.root / "history.jsonl"]
+        files += sorted((self.root / "live").glob("*.json")) + sorted(self.versions_dir.glob("*/version.json"))
+        return [f for f in files if f.is_file()]
 
-        Before lineages, a version trained on project A served every project. Keeping that for B would be
-        exactly the silent change per-project lineages exist to stop, so A keeps it and the others fall back
-        to the base (an admin may still promote it with ``--scope global``). Old history lines get the same
-        scope. Returns the scope the pointer moved to, or None when there was nothing to migrate.
-        """
-        legacy = self.root / "live.json"
-        if not legacy.is_file():
-            return None
-        with self._locked():
-            if not legacy.is_file():  # another process migrated meanwhile
-                return None
-            try:
-                pointer = json.loads(legacy.read_text())
-            except json.JSONDecodeError:
-                pointer = {}
-            version = pointer.get("version")
-            scope = GLOBAL
-            if version and (self.versions_dir / version / "version.json").is_file():
-                scope = self.get(version).scope
-            if version and pointer.get("base_version"):
-                self.live_dir.mkdir(parents=True, exist_ok=True)
-                _write_json_atomic(self._pointer_path(scope), pointer | {"scope": scope})
+    def import_files(self) -> int:
+        """Move a file registry's metadata into the database; what is there already is kept, so a second
+        process importing at the same time changes nothing. A single-lineage ``live.json`` (before per-project
+        lineages) goes to the lineage of the project that trained its version: A keeps it, the others fall
+        back to the base (an admin may still promote it with ``--scope global``). Returns rows added."""
+        files = self._legacy_files()
+        if not files:
+            return 0
+        added = 0
+        with self.db.transaction() as db:
+            known = set(db.execute(select(model_versions_table.c.version)).scalars())
+            for path in sorted(self.versions_dir.glob("*/version.json")):
+                info = ModelVersion(**json.loads(path.read_text()))
+                if info.version not in known:
+                    db.execute(insert(model_versions_table).values(**_version_row(info)))
+                    known.add(info.version)
+                    added += 1
+            pointers = [json.loads(p.read_text()) for p in sorted((self.root / "live").glob("*.json"))]
+            legacy_scope = None
+            legacy = self.root / "live.json"
+            if legacy.is_file():
+                try:
+                    pointer = json.loads(legacy.read_text())
+                except json.JSONDecodeError:
+                    pointer = {}
+                version = pointer.get("version")
+                legacy_scope = GLOBAL
+                if version in known:
+                    legacy_scope = self._get(db, version).scope
+                if version and pointer.get("base_version"):
+                    pointers.append(pointer | {"scope": legacy_scope})
+            for pointer in pointers:
+                if self._read_pointer(db, pointer["scope"]) is None:
+                    db.execute(insert(live_pointers_table).values(
+                        scope=pointer["scope"], version=pointer["version"], base_version=pointer["base_version"],
+                        since=float(pointer.get("since") or time.time())))
+                    added += 1
             history = self.root / "history.jsonl"
             if history.is_file():
-                lines = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
-                with open(history.with_suffix(".tmp"), "w") as f:
-                    for h in lines:
-                        f.write(json.dumps({"scope": scope} | h) + "\n")
-                os.replace(history.with_suffix(".tmp"), history)
-            os.replace(legacy, self.root / "live.json.migrated")
-        return scope
+                seen = {(h["at"], h["scope"], h["action"], h["from"], h["to"]) for h in self._history(db, None)}
+                for line in history.read_text().splitlines():
+                    if not line.strip():
+                        continue
+                    h = json.loads(line)
+                    h["scope"] = h.get("scope") or legacy_scope or GLOBAL
+                    if (h["at"], h["scope"], h["action"], h["from"], h["to"]) not in seen:
+                        db.execute(insert(live_history_table).values(
+                            at=h["at"], scope=h["scope"], action=h["action"], from_version=h["from"],
+                            to_version=h["to"]))
+                        added += 1
+        for path in files:  # kept beside, renamed: nothing reads them any more
+            suffix = ".migrated" if path.name == "live.json" else ".imported"
+            try:
+                os.replace(path, path.with_name(path.name + suffix))
+            except FileNotFoundError:
+                pass  # another process imported them meanwhile
+        log.info("registry: moved %d rows from the files under %s into the database", added, self.root)
+        return added
 
     # ---- reading --------------------------------------------------------------------------------
 
-    def _pointer_path(self, scope: str) -> Path:
+    @staticmethod
+    def _read_pointer(db: Connection, scope: str) -> dict | None:
         project_of(scope)  # validates
-        return self.live_dir / f"{scope}.json"
+        row = db.execute(select(live_pointers_table).where(live_pointers_table.c.scope == scope)).mappings().first()
+        return _pointer(row) if row else None
 
-    def _read_pointer(self, scope: str) -> dict | None:
-        try:
-            return json.loads(self._pointer_path(scope).read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
+    @staticmethod
+    def _get(db: Connection, version: str) -> ModelVersion:
+        row = db.execute(select(model_versions_table).where(model_versions_table.c.version == version)) \
+            .mappings().first()
+        if row is None:
+            raise RegistryError(f"no model version {version!r} in the registry")
+        return _version(row)
+
+    @staticmethod
+    def _history(db: Connection, scope: str | None) -> builtins.list[dict]:
+        t = live_history_table
+        query = select(t).order_by(t.c.id)
+        if scope is not None:
+            query = query.where(t.c.scope == scope)
+        return [{"at": r["at"], "scope": r["scope"], "action": r["action"], "from": r["from_version"],
+                 "to": r["to_version"]} for r in db.execute(query).mappings()]
 
     def live_pointer(self, scope: str = GLOBAL) -> dict | None:
-        self.migrate()
-        return self._read_pointer(scope)
+        with self.db.connect() as db:
+            return self._read_pointer(db, scope)
 
     def pointers(self) -> builtins.list[dict]:
         """Every lineage's live pointer (global first, then projects by number)."""
-        self.migrate()
-        return self._pointers()
-
-    def _pointers(self) -> builtins.list[dict]:
-        if not self.live_dir.is_dir():
-            return []
-        out = []
-        for path in self.live_dir.glob("*.json"):
-            try:
-                out.append(json.loads(path.read_text()))
-            except json.JSONDecodeError:
-                continue
-        return sorted(out, key=lambda p: (p["scope"] != GLOBAL, project_of(p["scope"]) or 0))
+        with self.db.connect() as db:
+            rows = [_pointer(r) for r in db.execute(select(live_pointers_table)).mappings()]
+        return sorted(rows, key=lambda p: (p["scope"] != GLOBAL, project_of(p["scope"]) or 0))
 
     def choose(self, base_version: str, project: int | None = None) -> LiveChoice:
         """The version serving ``project``: its own lineage's pointer, else the global one, else the base.
@@ -190,15 +234,15 @@ class Registry:
         A pointer made for another base (``WHISPER_MODEL`` changed) is ignored. A project rolled back to
         the base serves the base, not the global version: its admin chose so.
         """
-        self.migrate()
         scopes = [scope_of(project), GLOBAL] if project is not None else [GLOBAL]
-        for scope in scopes:
-            pointer = self._read_pointer(scope)
-            if not pointer or pointer.get("base_version") != base_version:
-                continue
-            if pointer.get("version") == base_version:
-                return LiveChoice(None, scope)
-            return LiveChoice(self.get(pointer["version"]), scope)
+        with self.db.connect() as db:
+            for scope in scopes:
+                pointer = self._read_pointer(db, scope)
+                if not pointer or pointer.get("base_version") != base_version:
+                    continue
+                if pointer.get("version") == base_version:
+                    return LiveChoice(None, scope)
+                return LiveChoice(self._get(db, pointer["version"]), scope)
         return LiveChoice(None, "base")
 
     def live(self, base_version: str, project: int | None = None) -> ModelVersion | None:
@@ -206,78 +250,80 @@ class Registry:
         return self.choose(base_version, project).version
 
     def get(self, version: str) -> ModelVersion:
-        path = self.versions_dir / version / "version.json"
-        if not path.is_file():
-            raise RegistryError(f"no model version {version!r} in {self.versions_dir}")
-        return ModelVersion(**json.loads(path.read_text()))
+        with self.db.connect() as db:
+            return self._get(db, version)
 
     def adapter_path(self, version: str) -> Path:
         return self.versions_dir / version / "adapter"
 
     def list(self, project: int | None = None) -> builtins.list[ModelVersion]:
         """Every version, oldest first; only those trained for ``project`` when it is given."""
-        if not self.versions_dir.is_dir():
-            return []
-        out = [self.get(p.name) for p in self.versions_dir.iterdir() if (p / "version.json").is_file()]
-        return sorted((v for v in out if project is None or v.project == project), key=lambda v: v.created_at)
+        t = model_versions_table
+        query = select(t).order_by(t.c.created_at, t.c.version)
+        if project is not None:
+            query = query.where(t.c.project == project)
+        with self.db.connect() as db:
+            return [_version(r) for r in db.execute(query).mappings()]
 
     def history(self, scope: str | None = None) -> builtins.list[dict]:
         """Changes of live versions, oldest first; only ``scope``'s when it is given."""
-        self.migrate()
-        path = self.root / "history.jsonl"
-        if not path.is_file():
-            return []
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return [h for h in rows if scope is None or h.get("scope") == scope]
+        with self.db.connect() as db:
+            return self._history(db, scope)
 
-    # ---- writing --------------------------------------------------------------------------------
+    # ---- writing: each one transaction ----------------------------------------------------------
 
     def add(self, version: ModelVersion, adapter_dir: Path) -> ModelVersion:
-        """Store a candidate (metadata + adapter) atomically: a crash leaves no half version."""
-        with self._locked():
-            target = self.versions_dir / version.version
-            if target.exists():
+        """Store a candidate: its adapter is copied first, its row goes in last, so a crash leaves no half
+        version (an adapter folder without a row is replaced by the next add of that name)."""
+        with self.db.transaction() as db:
+            if db.execute(select(model_versions_table.c.version)
+                          .where(model_versions_table.c.version == version.version)).first() is not None:
                 raise RegistryError(f"model version {version.version!r} already exists")
+            target = self.versions_dir / version.version
+            self.versions_dir.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{version.version}.", dir=self.versions_dir))
             try:
                 shutil.copytree(adapter_dir, tmp / "adapter")
-                _write_json_atomic(tmp / "version.json", asdict(version))
+                shutil.rmtree(target, ignore_errors=True)  # left by a crash before its row was written
                 tmp.rename(target)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+            db.execute(insert(model_versions_table).values(**_version_row(version)))
         return version
 
-    def _set_status(self, version: str, status: str, **changes) -> ModelVersion:
-        updated = replace(self.get(version), status=status, **changes)
-        _write_json_atomic(self.versions_dir / version / "version.json", asdict(updated))
-        return updated
+    @staticmethod
+    def _set(db: Connection, version: str, **changes: Any) -> None:
+        if "params" in changes:
+            changes["params"] = json.dumps(changes["params"])
+        if "report" in changes:
+            changes["report"] = json.dumps(changes["report"])
+        db.execute(update(model_versions_table).where(model_versions_table.c.version == version).values(**changes))
 
-    def update(self, version: str, **changes) -> ModelVersion:
-        with self._locked():
-            current = self.get(version)
-            return self._set_status(version, changes.pop("status", current.status), **changes)
+    def update(self, version: str, **changes: Any) -> ModelVersion:
+        with self.db.transaction() as db:
+            updated = replace(self._get(db, version), **changes)  # unknown fields fail here, before writing
+            self._set(db, version, **changes)
+            return updated
 
-    def _live_anywhere(self, version: str) -> bool:
-        return any(p.get("version") == version for p in self._pointers())
-
-    def _switch_live(self, scope: str, version: str, base_version: str, action: str) -> str:
+    def _switch_live(self, db: Connection, scope: str, version: str, base_version: str, action: str) -> str:
         """Point ``scope``'s pointer at ``version``; retire the version it replaces unless another lineage
-        still serves it. Caller holds the lock."""
-        previous = (self._read_pointer(scope) or {}).get("version") or base_version
-        self.live_dir.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(self._pointer_path(scope),
-                           {"scope": scope, "version": version, "base_version": base_version, "since": time.time()})
+        still serves it. Inside the caller's transaction."""
+        previous = (self._read_pointer(db, scope) or {}).get("version") or base_version
+        db.execute(delete(live_pointers_table).where(live_pointers_table.c.scope == scope))
+        db.execute(insert(live_pointers_table).values(scope=scope, version=version, base_version=base_version,
+                                                      since=time.time()))
         if version != base_version:
-            self._set_status(version, "live")
-        if previous not in (base_version, version) and (self.versions_dir / previous).is_dir() \
-                and not self._live_anywhere(previous):
-            self._set_status(previous, "retired")
-        with open(self.root / "history.jsonl", "a") as f:
-            f.write(json.dumps({"at": time.time(), "scope": scope, "action": action, "from": previous,
-                                "to": version}) + "\n")
+            self._set(db, version, status="live")
+        still_live = db.execute(select(live_pointers_table.c.scope)
+                                .where(live_pointers_table.c.version == previous)).first() is not None
+        if previous not in (base_version, version) and not still_live:
+            self._set(db, previous, status="retired")
+        db.execute(insert(live_history_table).values(at=time.time(), scope=scope, action=action,
+                                                     from_version=previous, to_version=version))
         return previous
 
-    def _check_fits(self, info: ModelVersion, scope: str, base_version: str) -> None:
+    @staticmethod
+    def _check_fits(info: ModelVersion, scope: str, base_version: str) -> None:
         if info.base_version != base_version:
             raise RegistryError(f"{info.version} was trained on {info.base_version}, not the served {base_version}")
         if scope != GLOBAL and info.project is not None and info.scope != scope:
@@ -286,24 +332,23 @@ class Registry:
 
     def promote(self, version: str, base_version: str | None = None, *, scope: str | None = None) -> str:
         """Make ``version`` live in ``scope`` (default: its own project's lineage). Returns the version it replaced."""
-        self.migrate()  # before the lock: migrating takes it too
-        with self._locked():
-            info = self.get(version)
+        with self.db.transaction() as db:
+            info = self._get(db, version)
             scope = scope or info.scope
+            project_of(scope)  # validates
             self._check_fits(info, scope, base_version or info.base_version)
-            return self._switch_live(scope, version, info.base_version, "promote")
+            return self._switch_live(db, scope, version, info.base_version, "promote")
 
     def rollback(self, base_version: str, to: str | None = None, *, scope: str = GLOBAL) -> str:
         """Make ``scope``'s previous live version (or ``to``, or the base) live again. Returns the new one."""
-        self.migrate()
-        with self._locked():
-            current = (self._read_pointer(scope) or {}).get("version") or base_version
+        with self.db.transaction() as db:
+            current = (self._read_pointer(db, scope) or {}).get("version") or base_version
             if to is None:
-                earlier = [h["from"] for h in self.history(scope) if h["to"] == current and h["from"] != current]
+                earlier = [h["from"] for h in self._history(db, scope) if h["to"] == current and h["from"] != current]
                 to = earlier[-1] if earlier else base_version
             if to != base_version:
-                self._check_fits(self.get(to), scope, base_version)
+                self._check_fits(self._get(db, to), scope, base_version)
             if to == current:
                 raise RegistryError(f"{to} is already live in {scope}")
-            self._switch_live(scope, to, base_version, "rollback")
+            self._switch_live(db, scope, to, base_version, "rollback")
             return to

@@ -116,6 +116,10 @@ class Settings:
     webhook_max_future_seconds: float = setting(3600.0, "WEBHOOK_MAX_FUTURE_SECONDS", "a webhook whose "
                                                 "`updated_at` lies further in the future is refused (400)",
                                                 group="limits")
+    database_url: str = setting("", "DATABASE_URL", "the ledger (corrections, jobs, splits, the registry's versions "
+                                "and live pointers) on a database server shared by every replica and worker, e.g. "
+                                "postgresql://user:pass@host/loopscribe; empty: SQLite in LOOPSCRIBE_HOME (one "
+                                "machine)", secret=True, group="training")
     redis_url: str = setting("", "REDIS_URL", "job queue on Redis (workers on several machines); empty: SQLite "
                              "queue in LOOPSCRIBE_HOME (one machine)", secret=True, group="training")
 
@@ -134,6 +138,10 @@ class Settings:
                                              group="training")
     heldout_fraction: float = setting(0.2, "HELDOUT_FRACTION", "share of annotated tasks frozen into the held-out "
                                       "split (by a hash of project and task id)", group="training")
+    heldout_ahead: float = setting(0.05, "HELDOUT_AHEAD", "share of the project's tasks, all held out, that "
+                                   "`/next` serves first (by hash, not by difficulty), so the gate's sample "
+                                   "represents the project; the rest of the held-out split comes after the pool",
+                                   group="training")
     heldout_min_items: int = setting(4, "HELDOUT_MIN_ITEMS", "fewer held-out items than this and no candidate is "
                                      "promoted (nothing to measure)", group="training")
     lora_r: int = setting(32, "LORA_R", "LoRA rank (peft's Whisper recipe: 32)", group="training")
@@ -159,8 +167,9 @@ class Settings:
         return self.home / "models"
 
     @property
-    def ledger_path(self) -> Path:
-        return self.home / "ledger.db"
+    def ledger_url(self) -> str:
+        """Where the ledger lives: ``DATABASE_URL``, else ``ledger.db`` in ``LOOPSCRIBE_HOME``."""
+        return self.database_url or str(self.home / "ledger.db")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

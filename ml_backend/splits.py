@@ -1,15 +1,67 @@
-"""The frozen held-out split: the first split a task is given is its split for good."""
+"""The held-out split: which tasks are held out (a hash), the frozen record of it, and the order they are served in.
+
+A task is held out when a hash of project and task id falls below ``HELDOUT_FRACTION``:
+stateless, so the backend can tell at prediction time, and the same on every machine. The
+first split a task is given is frozen in the ledger for good.
+
+Label Studio's uncertainty sampling serves tasks by ascending prediction score. If held-out
+tasks were ranked like the others, the annotated part of the held-out split would be the
+hardest clips, and the gate would judge candidates on them alone. So the score is a serving
+key in three bands inside [0, 1], the range Label Studio accepts (:func:`serving_score`):
+
+* ``[0, 0.0009]``: the *ahead* tasks, held-out tasks whose hash is below ``HELDOUT_AHEAD``:
+  served first, so the gate has a random sample of the project from its first job on;
+* ``[0.001, 0.999]``: the training pool, ranked by confidence (least sure first);
+* ``[0.9991, 1]``: the rest of the held-out split, served after the pool.
+
+:func:`confidence_of` turns a score back into the model's confidence.
+"""
 
 from __future__ import annotations
 
-from .database import Database
+import hashlib
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS splits (
-    project INTEGER NOT NULL, task INTEGER NOT NULL, split TEXT NOT NULL,
-    PRIMARY KEY (project, task)
-);
-"""
+from sqlalchemy import insert, select
+
+from .database import Database
+from .schema import splits_table
+
+HELDOUT, TRAIN = "heldout", "train"
+# (offset, width) of each band of the serving score; confidences in [0, 1] are squeezed into them
+AHEAD_BAND, POOL_BAND, LATER_BAND = (0.0, 0.0009), (0.001, 0.998), (0.9991, 0.0009)
+
+
+def split_position(project: int, task: int) -> float:
+    """A task's place in [0, 1) by a hash of project and task id: uniform, and the same everywhere."""
+    digest = int(hashlib.sha256(f"{project}:{task}".encode()).hexdigest()[:8], 16)
+    return (digest % 10_000) / 10_000
+
+
+def heldout_by_hash(project: int, task: int, fraction: float) -> bool:
+    """Deterministic, stable assignment: the same task always lands on the same side."""
+    return split_position(project, task) < fraction
+
+
+def serving_score(confidence: float, project: int | None, task: int | None, heldout_fraction: float,
+                  heldout_ahead: float) -> float:
+    """The prediction score Label Studio ranks by (lowest first): see the module's bands."""
+    band = POOL_BAND
+    if project is not None and task is not None:
+        position = split_position(project, task)
+        if position < min(heldout_ahead, heldout_fraction):
+            band = AHEAD_BAND
+        elif position < heldout_fraction:
+            band = LATER_BAND
+    offset, width = band
+    return offset + width * min(max(confidence, 0.0), 1.0)
+
+
+def confidence_of(score: float) -> float:
+    """The model's confidence behind a :func:`serving_score`."""
+    for offset, width in (AHEAD_BAND, LATER_BAND, POOL_BAND):
+        if offset <= score <= offset + width:
+            return (score - offset) / width
+    return score
 
 
 class SplitStore:
@@ -18,8 +70,10 @@ class SplitStore:
 
     def freeze(self, project: int, assignments: dict[int, str]) -> dict[int, str]:
         """Record first-seen splits; a task keeps the split it was first given. Returns all of the project's."""
+        query = select(splits_table.c.task, splits_table.c.split).where(splits_table.c.project == project)
         with self.db.transaction() as db:
-            db.executemany("INSERT OR IGNORE INTO splits(project, task, split) VALUES (?, ?, ?)",
-                           [(project, t, s) for t, s in assignments.items()])
-            rows = db.execute("SELECT task, split FROM splits WHERE project = ?", (project,))
-            return {task: split for task, split in rows}
+            frozen: dict[int, str] = {task: split for task, split in db.execute(query)}
+            new = {t: s for t, s in assignments.items() if t not in frozen}
+            if new:
+                db.execute(insert(splits_table), [{"project": project, "task": t, "split": s} for t, s in new.items()])
+            return frozen | new

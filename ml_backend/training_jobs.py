@@ -15,31 +15,19 @@ from __future__ import annotations
 
 import builtins
 import json
-import sqlite3
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.engine import Connection, RowMapping
 
 from .corrections import CorrectionsStore
 from .database import Database
 from .errors import LoopscribeError
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    project INTEGER NOT NULL,
-    state TEXT NOT NULL,             -- JobState
-    trigger TEXT NOT NULL,           -- threshold | label-studio | cli | …
-    params TEXT NOT NULL DEFAULT '{}',
-    created_at REAL NOT NULL, started_at REAL, finished_at REAL, heartbeat_at REAL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    worker TEXT,                     -- host:pid running it
-    cutoff_seq INTEGER,              -- corrections up to this sequence are covered by this job
-    stage TEXT, step INTEGER, total_steps INTEGER, loss REAL, eta_s REAL,
-    version TEXT, reason TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_project ON jobs(project, state);
-"""
+from .schema import jobs_table as jobs
 
 
 class JobState(StrEnum):
@@ -78,7 +66,7 @@ class Job:
     reason: str | None
 
     @classmethod
-    def from_row(cls, row: sqlite3.Row) -> Job:
+    def from_row(cls, row: RowMapping | Mapping[str, Any]) -> Job:
         d = dict(row)
         d["params"] = json.loads(d["params"] or "{}")
         return cls(**d)
@@ -89,10 +77,14 @@ class JobStore:
         self.db = database
 
     @staticmethod
-    def _last_cutoff(db: sqlite3.Connection, project: int) -> int:
-        row = db.execute("SELECT MAX(cutoff_seq) FROM jobs WHERE project = ? AND state != ?",
-                         (project, JobState.FAILED.value)).fetchone()
-        return int(row[0] or 0)
+    def _last_cutoff(db: Connection, project: int) -> int:
+        return int(db.execute(select(func.max(jobs.c.cutoff_seq))
+                              .where(jobs.c.project == project, jobs.c.state != JobState.FAILED.value)).scalar() or 0)
+
+    @staticmethod
+    def _row(db: Connection, job_id: int) -> Job | None:
+        row = db.execute(select(jobs).where(jobs.c.id == job_id)).mappings().first()
+        return Job.from_row(row) if row else None
 
     def corrections_since_training(self, project: int) -> int:
         """Corrections changed after the newest cut-off of a job of ``project`` that did not fail."""
@@ -107,56 +99,52 @@ class JobStore:
         the last training. Returns ``(job, created)``; ``job`` is None when the threshold is not reached.
         """
         with self.db.transaction() as db:
-            active = db.execute("SELECT * FROM jobs WHERE project = ? AND state IN (?, ?) ORDER BY id LIMIT 1",
-                                (project, *ACTIVE)).fetchone()
+            active = db.execute(select(jobs).where(jobs.c.project == project, jobs.c.state.in_(ACTIVE))
+                                .order_by(jobs.c.id).limit(1)).mappings().first()
             if active is not None:
                 return Job.from_row(active), False
             if min_corrections is not None and \
                     CorrectionsStore.count_since(db, project, self._last_cutoff(db, project)) < min_corrections:
                 return None, False
-            cur = db.execute("INSERT INTO jobs(project, state, trigger, params, created_at, cutoff_seq)"
-                             " VALUES (?, ?, ?, ?, ?, ?)",
-                             (project, JobState.QUEUED.value, trigger, json.dumps(params or {}), time.time(),
-                              Database.current_seq(db)))
-            return Job.from_row(db.execute("SELECT * FROM jobs WHERE id = ?", (cur.lastrowid,)).fetchone()), True
+            job_id = db.execute(insert(jobs).values(
+                project=project, state=JobState.QUEUED.value, trigger=trigger, params=json.dumps(params or {}),
+                created_at=time.time(), cutoff_seq=Database.current_seq(db)).returning(jobs.c.id)).scalar_one()
+            return self._row(db, job_id), True
 
     def claim(self, job_id: int, worker: str) -> Job | None:
         """Move a queued job to running for this worker; None if it is not queued (duplicate delivery)."""
         now = time.time()
         with self.db.transaction() as db:
-            cur = db.execute("UPDATE jobs SET state = ?, worker = ?, started_at = ?, heartbeat_at = ?,"
-                             " attempts = attempts + 1, stage = 'starting', reason = NULL WHERE id = ? AND state = ?",
-                             (JobState.RUNNING.value, worker, now, now, job_id, JobState.QUEUED.value))
-            if cur.rowcount == 0:
-                return None
-            return Job.from_row(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+            claimed = db.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state == JobState.QUEUED.value)
+                                 .values(state=JobState.RUNNING.value, worker=worker, started_at=now, heartbeat_at=now,
+                                         attempts=jobs.c.attempts + 1, stage="starting", reason=None))
+            return self._row(db, job_id) if claimed.rowcount else None
 
     def progress(self, job_id: int, **fields: object) -> None:
         """Update stage / step / total_steps / loss / eta_s / version (and the heartbeat)."""
-        names = [k for k in PROGRESS_FIELDS if k in fields]  # column names from the allow-list only
-        sets = "".join(f", {k} = ?" for k in names)
+        values = {k: fields[k] for k in PROGRESS_FIELDS if k in fields}  # columns from the allow-list only
         with self.db.connect() as db:
-            db.execute(f"UPDATE jobs SET heartbeat_at = ?{sets} WHERE id = ?",
-                       (time.time(), *(fields[k] for k in names), job_id))
+            db.execute(update(jobs).where(jobs.c.id == job_id).values(heartbeat_at=time.time(), **values))
 
     def finish(self, job_id: int, state: JobState | str, *, version: str | None = None,
                reason: str | None = None) -> None:
         with self.db.connect() as db:
-            db.execute("UPDATE jobs SET state = ?, version = COALESCE(?, version), reason = ?, finished_at = ?,"
-                       " stage = 'done', eta_s = 0 WHERE id = ?", (str(state), version, reason, time.time(), job_id))
+            db.execute(update(jobs).where(jobs.c.id == job_id).values(
+                state=str(state), version=func.coalesce(version, jobs.c.version), reason=reason,
+                finished_at=time.time(), stage="done", eta_s=0))
 
     def requeue_or_fail(self, job_id: int, reason: str, max_attempts: int) -> str:
         """A job whose worker died: queued again while attempts remain, else failed with the reason."""
+        this = update(jobs).where(jobs.c.id == job_id)
         with self.db.transaction() as db:
-            row = db.execute("SELECT attempts, state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None or row["state"] != JobState.RUNNING.value:
-                return row["state"] if row else "missing"
-            if row["attempts"] < max_attempts:
-                db.execute("UPDATE jobs SET state = ?, worker = NULL, reason = ?, stage = 'requeued' WHERE id = ?",
-                           (JobState.QUEUED.value, f"retrying: {reason}", job_id))
+            job = self._row(db, job_id)
+            if job is None or job.state != JobState.RUNNING.value:
+                return job.state if job else "missing"
+            if job.attempts < max_attempts:
+                db.execute(this.values(state=JobState.QUEUED.value, worker=None, reason=f"retrying: {reason}",
+                                       stage="requeued"))
                 return JobState.QUEUED.value
-            db.execute("UPDATE jobs SET state = ?, reason = ?, finished_at = ?, stage = 'done' WHERE id = ?",
-                       (JobState.FAILED.value, reason, time.time(), job_id))
+            db.execute(this.values(state=JobState.FAILED.value, reason=reason, finished_at=time.time(), stage="done"))
             return JobState.FAILED.value
 
     def require(self, job_id: int) -> Job:
@@ -168,19 +156,18 @@ class JobStore:
 
     def get(self, job_id: int) -> Job | None:
         with self.db.connect() as db:
-            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            return Job.from_row(row) if row else None
+            return self._row(db, job_id)
 
     def list(self, project: int | None = None, states: tuple[str, ...] | None = None,
              limit: int = 20) -> builtins.list[Job]:
-        wanted = [str(s) for s in states or ()]
-        query = ("SELECT * FROM jobs WHERE (? IS NULL OR project = ?)"
-                 f" AND (? = 0 OR state IN ({', '.join('?' * len(wanted)) or 'NULL'}))"
-                 " ORDER BY id DESC LIMIT ?")
+        query = select(jobs).order_by(jobs.c.id.desc()).limit(limit)
+        if project is not None:
+            query = query.where(jobs.c.project == project)
+        if states:
+            query = query.where(jobs.c.state.in_([str(s) for s in states]))
         with self.db.connect() as db:
-            rows = db.execute(query, (project, project, len(wanted), *wanted, limit))
-            return [Job.from_row(r) for r in rows]
+            return [Job.from_row(r) for r in db.execute(query).mappings()]
 
     def projects(self) -> builtins.list[int]:
         with self.db.connect() as db:
-            return [r[0] for r in db.execute("SELECT DISTINCT project FROM jobs")]
+            return list(db.execute(select(jobs.c.project).distinct()).scalars())

@@ -120,6 +120,15 @@ def running_stack(settings: Settings, tmp_path_factory, env: dict[str, str] | No
 
 
 @pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL server on loopback for this test session (``tests/servers.py``)."""
+    from servers import postgres_server
+
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
 def launch_stack():
     """``with launch_stack(settings, tmp_path_factory, env) as (settings, paths, env_file): ...``"""
     return running_stack

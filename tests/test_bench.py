@@ -101,19 +101,23 @@ def test_corpus_prompts_become_what_an_annotator_would_type():
 def test_summary_of_several_seeds(capsys):
     from loopscribe.bench.loop import Curve, summarize
 
-    def run(strategy, seed, live, cands, decisions, forced):
+    def run(strategy, seed, live, cands, decisions, forced, independent=None):
         return Curve(strategy, [(8 * i, e) for i, e in enumerate(live)], cands, seed=seed, decisions=decisions,
-                     forced=forced)
+                     forced=forced, independent=independent or decisions, gate_items=[2, 5])
 
     curves = [run("entropy", 0, [0.5, 0.4, 0.3], [0.4, 0.3], ["promoted"] * 2, (0.45, 0.3)),
               run("random", 0, [0.5, 0.5, 0.45], [0.55, 0.45], ["rejected", "promoted"], (0.45, 0.42)),
-              run("entropy", 1, [0.4, 0.35, 0.3], [0.35, 0.3], ["promoted"] * 2, (0.4, 0.3)),
-              run("random", 1, [0.4, 0.4, 0.35], [0.42, 0.35], ["inconclusive", "promoted"], (0.4, 0.36))]
+              run("entropy", 1, [0.4, 0.35, 0.3], [0.35, 0.3], ["promoted"] * 2, (0.4, 0.3), ["promoted", "rejected"]),
+              run("random", 1, [0.4, 0.4, 0.35], [0.42, 0.35], ["inconclusive", "promoted"], (0.4, 0.36),
+                  ["promoted", "promoted"])]
     summary = summarize(curves, [0, 1], None, "en")
     out = capsys.readouterr().out
     assert summary["random_final_error"] == 0.4  # entropy crosses 0.4 between 0 (0.45) and 8 (0.375):
     assert summary["entropy_corrections_to_match"] == pytest.approx(16 / 3)
-    assert "entropy: 4 promoted, 0 inconclusive, 0 rejected" in out and "1 inconclusive" in out
+    assert "entropy: 4 promoted" in out and "1 inconclusive" in out
+    agreement = summary["gate_agreement"]  # one wrong promotion (entropy seed 1), one missed (random seed 1)
+    assert (agreement["decisions"], agreement["agree"]) == (8, 6)
+    assert (agreement["promoted_but_not_better"], agreement["missed"]) == (1, 1) and "6/8 agree" in out
     assert summary["forced_relative_drop"]["entropy"][0] > summary["forced_relative_drop"]["random"][0]
     flat = [run(s, 0, [0.4, 0.4], [0.5], ["rejected"], None) for s in ("entropy", "random")]
     assert summarize(flat, [0], None, None)["entropy_corrections_to_match"] is None
@@ -136,3 +140,16 @@ def test_bench_adapters_measures_both_strategies_and_they_agree(tmp_path, settin
     merged, shared = rows[2], rows[3]
     assert len(merged["texts"]) == 2 and merged["texts"] == shared["texts"]  # same adapters, same transcripts
     assert merged["resident_mb"] > rows[0]["resident_mb"]  # a second merged model costs a second model
+
+
+def test_bench_ledger_counts_each_annotation_once(capsys):
+    import argparse
+
+    from loopscribe.bench.ledger import bench_ledger, deliveries
+
+    events = deliveries(5, project=3)
+    assert len(events) == 30 and len({e["annotation"]["id"] for e in events}) == 5
+    args = argparse.Namespace(database_url=None, threads=[1, 3], annotations=20)
+    assert bench_ledger(args, None) == 0
+    out = capsys.readouterr().out
+    assert out.count("sqlite") == 2 and "yes" in out and "NO" not in out

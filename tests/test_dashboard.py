@@ -44,7 +44,7 @@ def home(tmp_path, settings):
             registry.promote(version, base.version)
         else:
             registry.update(version, status=status)
-    ledger = Ledger(s.ledger_path)
+    ledger = Ledger(s.ledger_url)
     done, _ = ledger.jobs.request(PROJECT, "threshold")
     ledger.jobs.claim(done.id, "host:1")
     ledger.jobs.finish(done.id, "rejected", reason="not knowably better: gain +0.010, 95% bound -0.020")
@@ -59,7 +59,7 @@ def home(tmp_path, settings):
 
 def make_app(s, queued: list | None = None):
     def request_training(project: int):
-        job, created = Ledger(s.ledger_path).jobs.request(project, "dashboard")
+        job, created = Ledger(s.ledger_url).jobs.request(project, "dashboard")
         assert job is not None
         if queued is not None:
             queued.append(job.id)
@@ -108,7 +108,7 @@ def test_actions_need_the_form_token_and_change_only_what_they_say(home):
     assert answer.status_code == 303 and "already queued or running" in answer.headers["Location"].replace("+", " ")
     assert client.post("/dashboard/train", data={"project": "x", "csrf": token}, auth=AUTH).status_code == 400
 
-    registry, base = Registry(home.home), resolve_base(home).version
+    registry, base = Registry.open(home), resolve_base(home).version
     answer = client.post("/dashboard/rollback", data={"scope": f"project-{PROJECT}", "csrf": token}, auth=AUTH)
     assert answer.status_code == 303 and registry.live(base, PROJECT).version == f"{base}-lora001-test"
     answer = client.post("/dashboard/promote", data={"version": f"{base}-lora002-test", "csrf": token}, auth=AUTH)

@@ -162,7 +162,7 @@ def test_hf_export_loads_with_datasets_and_matches_the_annotations(studio, ls, p
     loaded = datasets.load_dataset("audiofolder", data_dir=str(out))
     rows = {row["task_id"]: (split, row) for split in loaded for row in loaded[split]}
     assert rows.keys() == project["expected"].keys()
-    frozen = Ledger(studio[0].ledger_path).splits.freeze(project["id"], {})
+    frozen = Ledger(studio[0].ledger_url).splits.freeze(project["id"], {})
     for task, (split, row) in rows.items():
         text, origin = project["expected"][task]
         assert row["transcription"] == text

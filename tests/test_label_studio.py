@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import requests
 
 from loopscribe import labelstudio, stack
 from loopscribe.demo import SENTENCES, demo_clips, speak
+from ml_backend.splits import confidence_of, split_position
 
 pytestmark = pytest.mark.slow
 CONFIG = (Path(__file__).resolve().parents[1] / "label_config.xml").read_text()
@@ -130,6 +132,33 @@ def test_next_serves_least_confident_first(live, ls, ranked_project, engine):
     assert len(set(served)) > 3  # the clips really differ in confidence
 
 
+def test_next_serves_a_random_heldout_sample_first_and_the_rest_after_the_pool(live, ls, engine):
+    """The held-out split's serving bands: its "ahead" tasks come first whatever their confidence, then the pool
+    least confident first, then the rest of the held-out split."""
+    s, paths, _ = live
+    project = labelstudio.create_project(ls, "held-out ahead", CONFIG)
+    clips = [c.path for c in demo_clips(s.home / "demo")][:6]
+    labelstudio.import_audio(ls, s, project, clips, media_root=paths.media, progress=False)
+    ids = sorted(t.id for t in ls.tasks.list(project=project, fields="task_only"))
+    by_position = sorted(ids, key=lambda t: split_position(project, t))
+    edge = [split_position(project, t) for t in by_position]
+    # fractions between this project's hash positions: 2 tasks ahead, 2 more held out, 2 in the pool
+    ahead, heldout = (edge[1] + edge[2]) / 2, (edge[3] + edge[4]) / 2
+    s_ = replace(s, heldout_ahead=ahead, heldout_fraction=heldout)
+    labelstudio.predict_project(ls, s_, project, engine, progress=False)
+    served, scores = [], []
+    for _ in ids:
+        task = api(live, f"/api/projects/{project}/next").json()
+        served.append(task["id"])
+        scores.append(task["predictions"][0]["score"])
+        ls.annotations.create(id=task["id"], result=task["predictions"][0]["result"], was_cancelled=False)
+    assert set(served[:2]) == set(by_position[:2]), (served, by_position)  # ahead: by hash, not difficulty
+    assert set(served[2:4]) == set(by_position[4:]), (served, by_position)  # the pool, then …
+    assert set(served[4:]) == set(by_position[2:4])  # … the rest of the held-out split
+    assert scores[2] <= scores[3] and all(0 <= confidence_of(x) <= 1 for x in scores)
+    assert all(t.predictions for t in ls.tasks.list(project=project, fields="all"))  # Label Studio took every one
+
+
 def test_webhooks_from_label_studio_reach_the_backend_with_the_secret(live):
     """Runs after the ranking test, whose annotations fire ANNOTATION_CREATED."""
     events_file = live[0].home / "webhooks" / "events.jsonl"
@@ -150,7 +179,7 @@ def test_webhook_for_a_project_label_studio_lacks_is_ignored(live, ranked_projec
     missing = requests.post(f"{s.backend_url}/webhook", json=event | {"project": {"id": 424242}}, headers=headers,
                             timeout=10)
     assert missing.status_code == 200 and missing.json()["status"] == "ignored"
-    assert 424242 not in Ledger(s.ledger_path).projects()
+    assert 424242 not in Ledger(s.ledger_url).projects()
     real = requests.post(f"{s.backend_url}/webhook", json=event | {"project": {"id": ranked_project}},
                          headers=headers, timeout=10)
     assert real.status_code == 201 and real.json()["changed"] == 1

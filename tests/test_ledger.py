@@ -1,4 +1,8 @@
-"""The corrections ledger: idempotent, order-independent folding of Label Studio webhooks."""
+"""The corrections ledger: idempotent, order-independent folding of Label Studio webhooks.
+
+Every test runs on SQLite (the embedded default) and, marked ``distributed``, on a real PostgreSQL
+server started on loopback for the session: the same code, the same results.
+"""
 
 from __future__ import annotations
 
@@ -51,15 +55,26 @@ EVENTS = [
 ]
 
 
-def state(tmp_path: Path, events: list[dict], name: str) -> list[dict]:
-    ledger = Ledger(tmp_path / f"{name}.db")
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.distributed)])
+def make_ledger(request, tmp_path):
+    """``make_ledger(name)``: a fresh, empty ledger on the engine under test."""
+    if request.param == "sqlite":
+        return lambda name="l": Ledger(tmp_path / f"{name}.db")
+    from servers import fresh_database
+
+    base = request.getfixturevalue("postgres_url")
+    return lambda name="l": Ledger(fresh_database(base))
+
+
+def state(make_ledger, events: list[dict], name: str) -> list[dict]:
+    ledger = make_ledger(name)
     for e in events:
         ledger.corrections.record(e)
     return ledger.corrections.snapshot()
 
 
-def test_ledger_classifies_corrections(tmp_path):
-    ledger = Ledger(tmp_path / "l.db")
+def test_ledger_classifies_corrections(make_ledger):
+    ledger = make_ledger()
     for e in EVENTS:
         ledger.corrections.record(e)
     rows = {r["id"]: r for r in ledger.corrections.snapshot()}
@@ -72,27 +87,27 @@ def test_ledger_classifies_corrections(tmp_path):
     assert ledger.jobs.corrections_since_training(7) == 2
 
 
-def test_replayed_duplicated_and_reordered_events_give_the_same_ledger(tmp_path):
-    reference = state(tmp_path, EVENTS, "reference")
-    assert state(tmp_path, EVENTS + EVENTS, "replayed") == reference
-    assert state(tmp_path, [e for e in EVENTS for _ in range(3)], "duplicated") == reference
-    assert state(tmp_path, list(reversed(EVENTS)), "reversed") == reference
+def test_replayed_duplicated_and_reordered_events_give_the_same_ledger(make_ledger):
+    reference = state(make_ledger, EVENTS, "reference")
+    assert state(make_ledger, EVENTS + EVENTS, "replayed") == reference
+    assert state(make_ledger, [e for e in EVENTS for _ in range(3)], "duplicated") == reference
+    assert state(make_ledger, list(reversed(EVENTS)), "reversed") == reference
     rng = random.Random(0)
     for n in range(20):
         shuffled = EVENTS + rng.sample(EVENTS, k=4)
         rng.shuffle(shuffled)
-        assert state(tmp_path, shuffled, f"shuffled{n}") == reference, f"order {n}"
+        assert state(make_ledger, shuffled, f"shuffled{n}") == reference, f"order {n}"
 
 
-def test_every_order_of_create_update_delete_ends_deleted(tmp_path):
+def test_every_order_of_create_update_delete_ends_deleted(make_ledger):
     trio = [EVENTS[1], EVENTS[2], deleted(2)]
     for n, order in enumerate(itertools.permutations(trio)):
-        rows = state(tmp_path, list(order), f"perm{n}")
+        rows = state(make_ledger, list(order), f"perm{n}")
         assert [r["kind"] for r in rows] == ["deleted"], order
 
 
-def test_replay_does_not_count_twice_and_jobs_coalesce(tmp_path):
-    ledger = Ledger(tmp_path / "l.db")
+def test_replay_does_not_count_twice_and_jobs_coalesce(make_ledger):
+    ledger = make_ledger()
     assert [ledger.corrections.record(e).changed for e in EVENTS] == [1, 1, 1, 1, 1, 1, 1, 0]
     assert ledger.corrections.record(EVENTS[2]).changed == 0  # replay
     job, created = ledger.jobs.request(7, "threshold", min_corrections=3)
@@ -111,8 +126,8 @@ def test_replay_does_not_count_twice_and_jobs_coalesce(tmp_path):
     assert ledger.jobs.corrections_since_training(7) == 1
 
 
-def test_dead_worker_job_is_requeued_then_failed(tmp_path):
-    ledger = Ledger(tmp_path / "l.db")
+def test_dead_worker_job_is_requeued_then_failed(make_ledger):
+    ledger = make_ledger()
     job, _ = ledger.jobs.request(3, "cli")
     ledger.jobs.claim(job.id, "host:1")
     assert ledger.jobs.requeue_or_fail(job.id, "worker died", max_attempts=2) == "queued"
@@ -123,15 +138,15 @@ def test_dead_worker_job_is_requeued_then_failed(tmp_path):
 
 @pytest.mark.parametrize("text,predicted,kind", [("Hello, world!", "hello world", "verified"),
                                                  ("Hello world", "Hello word", "correction")])
-def test_normalized_comparison(tmp_path, text, predicted, kind):
-    ledger = Ledger(tmp_path / "l.db")
+def test_normalized_comparison(make_ledger, text, predicted, kind):
+    ledger = make_ledger()
     ledger.corrections.record(annotation_event("ANNOTATION_CREATED", 1, 1, text, "2026-11-24T10:00:00Z",
                                                predicted=predicted))
     assert ledger.corrections.snapshot()[0]["kind"] == kind
 
 
-def test_a_failed_job_gives_its_corrections_back(tmp_path):
-    ledger = Ledger(tmp_path / "l.db")
+def test_a_failed_job_gives_its_corrections_back(make_ledger):
+    ledger = make_ledger()
     for e in EVENTS:
         ledger.corrections.record(e)
     job, _ = ledger.jobs.request(7, "threshold", min_corrections=2)
@@ -142,7 +157,8 @@ def test_a_failed_job_gives_its_corrections_back(tmp_path):
     assert created and retry.id != job.id
 
 
-def test_corrections_that_arrive_during_a_job_queue_the_next_one_when_it_ends(tmp_path, settings, monkeypatch):
+def test_corrections_that_arrive_during_a_job_queue_the_next_one_when_it_ends(tmp_path, settings, monkeypatch,
+                                                                             make_ledger):
     """Never leave corrections waiting: their webhooks found a job running and queued nothing."""
     from dataclasses import replace
 
@@ -150,8 +166,9 @@ def test_corrections_that_arrive_during_a_job_queue_the_next_one_when_it_ends(tm
 
     queued: list[int] = []
     monkeypatch.setattr(jobs, "enqueue_training_job", queued.append)
-    s = replace(settings, home=tmp_path, retrain_min_corrections=2)
-    ledger = Ledger(s.ledger_path)
+    ledger = make_ledger()
+    s = replace(settings, home=tmp_path, retrain_min_corrections=2, database_url=ledger.db.url)
+    assert Ledger(s.ledger_url).db.url == ledger.db.url
     for e in EVENTS:
         ledger.corrections.record(e)
     job, _ = ledger.jobs.request(7, "threshold", min_corrections=2)

@@ -24,8 +24,8 @@ from ml_backend.annotations import extract
 from ml_backend.ledger import Ledger
 from ml_backend.live import live_model
 from ml_backend.registry import Registry
+from ml_backend.splits import heldout_by_hash
 from ml_backend.text import normalize
-from training.dataset import heldout_by_hash
 
 pytestmark = pytest.mark.slow
 CONFIG = (labelstudio.Path(__file__).resolve().parents[1] / "label_config.xml").read_text()
@@ -124,14 +124,14 @@ def test_corrections_reach_threshold_train_promote_and_rescore(loop, ls, engine,
     remaining = [tid for tid in wrong if tid not in to_correct]
     for tid in right + to_correct:
         annotate(ls, tasks[tid], clip_of[tid].text)
-    ledger = Ledger(s.home / "ledger.db")
+    ledger = Ledger(s.ledger_url)
     counts = ledger.corrections.counts(project)
     expected = {"correction": THRESHOLD} | ({"verified": len(right)} if right else {})
     assert counts == expected, counts
 
     job = wait_for_job(ledger, project)
     assert job.trigger == "threshold" and job.state == "promoted", job.reason
-    version = Registry(s.home).get(job.version)
+    version = Registry.open(s).get(job.version)
     print(f"\nheld-out error before {version.error_before:.3f} → after {version.error_after:.3f} "
           f"({version.heldout_size} held-out, {version.train_size} train, "
           f"threshold→promoted {job.finished_at - job.created_at:.0f} s, train {version.params['train_seconds']} s)")
@@ -202,9 +202,9 @@ def test_worse_candidate_is_rejected_and_live_unchanged(loop, wrong_project):
     live_before = live_model(s).version
     proc = cli(loop, "train", "--project", str(wrong_project), "--wait")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    job = Ledger(s.home / "ledger.db").jobs.list(project=wrong_project)[0]
+    job = Ledger(s.ledger_url).jobs.list(project=wrong_project)[0]
     assert job.state == "rejected" and job.trigger == "cli", job.reason
-    version = Registry(s.home).get(job.version)
+    version = Registry.open(s).get(job.version)
     print(f"\nrejected {job.version}: held-out error {version.error_before:.3f} → {version.error_after:.3f}")
     assert version.status == "rejected" and version.error_after > version.error_before
     assert live_model(s).version == live_before and backend_version(s) == live_before
@@ -214,7 +214,7 @@ def test_worse_candidate_is_rejected_and_live_unchanged(loop, wrong_project):
 
 def test_killing_the_worker_mid_training_fails_the_job_with_a_reason(loop, wrong_project):
     s, paths, env_file = loop
-    ledger = Ledger(s.home / "ledger.db")
+    ledger = Ledger(s.ledger_url)
     live_before = backend_version(s)
     proc = cli(loop, "train", "--project", str(wrong_project), "--epochs", "60")
     assert proc.returncode == 0, proc.stderr

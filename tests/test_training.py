@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from ml_backend.ledger import Ledger
-from training.dataset import HELDOUT, TRAIN, Example, frozen_splits, heldout_by_hash
+from ml_backend.splits import HELDOUT, TRAIN, confidence_of, heldout_by_hash, serving_score, split_position
+from training.dataset import Example, frozen_splits
 from training.lora import LoraArguments, target_tokens
 
 
@@ -50,6 +51,25 @@ def test_split_is_deterministic_and_frozen(tmp_path):
     assert {later[t] for t in tasks[200:]} == {HELDOUT, TRAIN}
 
 
+def test_serving_score_puts_a_random_heldout_sample_first_and_the_rest_after_the_pool():
+    rng = np.random.default_rng(0)
+    tasks = {t: float(rng.uniform()) for t in range(1, 2001)}  # task → the model's confidence
+    scores = {t: serving_score(c, 7, t, heldout_fraction=0.2, heldout_ahead=0.05) for t, c in tasks.items()}
+    ahead = [t for t in tasks if split_position(7, t) < 0.05]
+    rest = [t for t in tasks if 0.05 <= split_position(7, t) < 0.2]
+    pool = [t for t in tasks if split_position(7, t) >= 0.2]
+    assert 0.03 < len(ahead) / len(tasks) < 0.07 and all(heldout_by_hash(7, t, 0.2) for t in ahead + rest)
+    order = sorted(tasks, key=scores.__getitem__)  # what Label Studio's uncertainty sampling serves
+    assert set(order[:len(ahead)]) == set(ahead)
+    assert set(order[len(ahead):len(ahead) + len(pool)]) == set(pool)
+    assert [tasks[t] for t in order[len(ahead):len(ahead) + len(pool)]] == sorted(tasks[t] for t in pool)
+    # the ahead sample is not the hardest slice: its confidences look like everyone's
+    assert abs(np.mean([tasks[t] for t in ahead]) - np.mean(list(tasks.values()))) < 0.1
+    assert all(0 <= x <= 1 for x in scores.values())  # what Label Studio accepts
+    assert all(abs(confidence_of(round(scores[t], 9)) - tasks[t]) < 1e-5 for t in tasks)
+    assert confidence_of(serving_score(0.3, None, 5, 0.2, 0.05)) == pytest.approx(0.3)  # no project: the pool
+
+
 def test_lora_arguments_come_from_settings(settings):
     s = replace(settings, lora_r=8, train_epochs=3)
     args = LoraArguments.from_settings(s, epochs=7, learning_rate=None)
@@ -60,7 +80,7 @@ def test_recovery_requeues_a_job_whose_worker_died_then_fails_it(tmp_path, setti
     from loopscribe import jobs
 
     s = replace(settings, home=tmp_path, train_max_attempts=2)
-    ledger = Ledger(s.ledger_path)
+    ledger = Ledger(s.ledger_url)
     job, _ = ledger.jobs.request(4, "cli")
     dead = f"{socket.gethostname()}:999999"  # no such pid
     ledger.jobs.claim(job.id, dead)

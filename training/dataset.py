@@ -16,10 +16,9 @@ from ml_backend.fetch import AudioFetcher, AudioFetchError, load_task_audio
 from ml_backend.label_config import TranscriptionConfig, parse_label_config
 from ml_backend.ledger import Ledger
 from ml_backend.settings import Settings
+from ml_backend.splits import HELDOUT, TRAIN, heldout_by_hash
 
 log = logging.getLogger(__name__)
-
-HELDOUT, TRAIN = "heldout", "train"
 
 
 @dataclass(frozen=True)
@@ -122,12 +121,6 @@ def export_annotated(ls, project: int) -> tuple[TranscriptionConfig, list[Annota
     """Label Studio's JSON export of annotated tasks, one :class:`AnnotatedTask` each."""
     config, raw = project_export(ls, project)
     return config, [a for task in raw if (a := annotated(task, config)) is not None]
-
-
-def heldout_by_hash(project: int, task: int, fraction: float) -> bool:
-    """Deterministic, stable assignment: the same task always lands on the same side."""
-    digest = int(hashlib.sha256(f"{project}:{task}".encode()).hexdigest()[:8], 16)
-    return digest % 10_000 < fraction * 10_000
 
 
 def frozen_splits(ledger: Ledger, project: int, tasks: list[int], fraction: float) -> dict[int, str]:

@@ -33,10 +33,9 @@ from ml_backend.errors import LoopscribeError
 from ml_backend.fetch import AudioFetchError
 from ml_backend.ledger import Ledger
 from ml_backend.settings import Settings
+from ml_backend.splits import HELDOUT, TRAIN, confidence_of
 
 from .dataset import (
-    HELDOUT,
-    TRAIN,
     AnnotatedTask,
     AudioCache,
     annotated,
@@ -99,7 +98,7 @@ class ExportRecord:
             "split": self.split, "task_id": t.task, "annotation_id": t.annotation or 0,
             "annotator": t.annotator or "", "origin": t.origin,
             "prediction": t.predicted_text or "", "prediction_language": t.predicted_language or "",
-            "confidence": float(t.prediction_score) if t.prediction_score is not None else None,
+            "confidence": confidence_of(float(t.prediction_score)) if t.prediction_score is not None else None,
             "model_version": t.model_version or "", "duration": self.duration,
             "source_file": str(t.data.get("source_file") or ""),
             "source_offset": float(t.data.get("source_offset") or 0.0),
@@ -326,7 +325,7 @@ def export_project(settings: Settings, ls, project: int, out: Path, options: Exp
     config, raw = project_export(ls, project, all_tasks=options.include_predictions)
     tasks = [a for task in raw
              if (a := annotated(task, config, with_predictions=options.include_predictions)) is not None]
-    splits = frozen_splits(Ledger(settings.ledger_path), project, [t.task for t in tasks], settings.heldout_fraction)
+    splits = frozen_splits(Ledger(settings.ledger_url), project, [t.task for t in tasks], settings.heldout_fraction)
     report = ExportReport(out=out.resolve(), format=options.format)
     records = select(tasks, splits, options, report)
     with atomic_directory(out, options.overwrite) as root:

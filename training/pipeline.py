@@ -22,10 +22,11 @@ from ml_backend.live import live_model
 from ml_backend.model_store import resolve_base
 from ml_backend.registry import ModelVersion, Registry
 from ml_backend.settings import Settings
+from ml_backend.splits import HELDOUT
 from ml_backend.transcription import TranscribeOptions, Transcriber
 
 from . import distributed, gate
-from .dataset import HELDOUT, AudioCache, export_annotated, frozen_splits, load_examples
+from .dataset import AudioCache, export_annotated, frozen_splits, load_examples
 from .evaluate import EvalReport, evaluate
 from .lora import LoraArguments
 from .metrics import corpus_error_rate
@@ -93,7 +94,7 @@ def run_training(
     """Train, evaluate and gate one candidate for ``project``; ``live_engine`` is the model serving now."""
     started = time.perf_counter()
     params = dict(params or {})
-    registry = Registry(settings.home)
+    registry = Registry.open(settings)
 
     on_progress(stage="exporting")
     config, annotated = export_annotated(ls, project)

@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "corpus": ("corpus", "bench_corpus"),
     "adapters": ("adapters", "bench_adapters"),
     "words": ("words", "bench_words"),
+    "ledger": ("ledger", "bench_ledger"),
 }
 
 

@@ -9,15 +9,17 @@ ground truth, pre-annotated by the base model; then, round after round:
    the unlabeled tasks with a fixed seed;
 2. each is "annotated" with its ground truth through Label Studio's API (as an annotator
    correcting the prediction would);
-3. a LoRA adapter is trained on every annotation so far (the retraining job's recipe) and
-   evaluated on a frozen held-out set (clips never in the pool); it goes live only through
-   the product's gate (better by ``PROMOTE_MIN_GAIN``), and for ``entropy`` a promotion
-   re-scores the unlabeled tasks so the next ``/next`` ranks by the new model.
+3. as in the product, the annotated tasks the hash puts in the held-out split
+   (``HELDOUT_FRACTION``; ``HELDOUT_AHEAD`` of them served first by ``/next``) are not trained
+   on: a LoRA adapter is trained on the others (the retraining job's recipe), and the product's
+   gate compares it with the live model on the project's annotated held-out tasks; it goes live
+   only when the gate promotes it, and for ``entropy`` a promotion re-scores the unlabeled
+   tasks so the next ``/next`` ranks by the new model.
 
-The curve is the held-out error of the live model, as ``loopscribe status`` would show it;
-each candidate's own error is kept beside it (``loop.json``). The gate and the curve use
-the same held-out set, so the live curve never rises: it is the product's view, and
-optimistic in the way any gated deployment is.
+The curve is the live model's error on a large independent held-out set (clips never in the
+pool); each candidate's own error is kept beside it (``loop.json``), and so is the decision the
+same gate rule would take on that large set, so the summary can count how often the product's
+gate, on the few tasks annotators held out, agrees with it.
 
 The pool (:func:`loop_pool`) mixes sentences around invented product names, in varied
 conditions, with speech base Whisper already gets right and a few hopeless clips.
@@ -40,6 +42,7 @@ import random
 import shutil
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -63,7 +66,9 @@ class Curve:
     candidates: list[float] = field(default_factory=list)  # held-out error of each round's candidate, gated or not
     seconds: float = 0.0
     seed: int = 0
-    decisions: list[str] = field(default_factory=list)  # the gate's outcome each round
+    decisions: list[str] = field(default_factory=list)  # the product's gate each round, on the project's held-out
+    independent: list[str] = field(default_factory=list)  # the same rule on the large independent held-out set
+    gate_items: list[int] = field(default_factory=list)  # annotated held-out tasks the product's gate had
     forced: tuple[float, float] | None = None  # live model's held-out error with the language forced: first, last
 
     def corrections_to_reach(self, target: float) -> float | None:
@@ -138,6 +143,7 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
                  pool: list[ReferenceClip], heldout_examples, media: Path, seed: int = 0) -> Curve:
     from ml_backend.engine import WhisperEngine
     from ml_backend.model_store import resolve_base
+    from ml_backend.splits import heldout_by_hash
     from ml_backend.transcription import TranscribeOptions
     from training import gate
     from training.dataset import Example
@@ -163,7 +169,8 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
         curve.points.append((0, live_error))
         print(f"  {strategy:8s} seed {seed} round 0: {0:4d} corrections, held-out error {live_error:.3f}"
               + (f" (language forced: {forced_first:.3f})" if forced_first is not None else ""), flush=True)
-        annotated: list[Example] = []
+        train: list[Example] = []
+        held: list[Example] = []  # annotated tasks of the project's held-out split: the product's gate sample
         unlabeled = sorted(t.id for t in ls.tasks.list(project=project, fields="task_only"))
         base = resolve_base(settings)
         for round_ in range(1, args.rounds + 1):
@@ -179,27 +186,44 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
                 task = ls.tasks.get(id=picked)
                 clip = truth[Path(task.data["source_file"]).name]
                 labelstudio.submit_transcript(ls, task, clip.text, clip.language)
-                annotated.append(Example(task.id, load(clip.path), clip.text, clip.language))
+                example = Example(task.id, load(clip.path), clip.text, clip.language)
+                (held if heldout_by_hash(project, task.id, settings.heldout_fraction) else train).append(example)
                 chosen.append(clip)
+            if not train:  # every pick so far was held out: nothing to learn from yet
+                curve.candidates.append(live_error)
+                curve.decisions.append("no training data")
+                curve.independent.append("no training data")
+                curve.gate_items.append(len(held))
+                curve.points.append((len(train) + len(held), live_error))
+                continue
             args_ = LoraArguments.from_settings(settings, seed=seed)
-            result = train_lora(base.path, annotated, args_, work / f"{round_}", progress=False)
+            result = train_lora(base.path, train, args_, work / f"{round_}", progress=False)
             candidate = replace(base, version=f"{base.version}-bench-{strategy}-{seed}-{round_}",
                                 adapter=str(result.adapter_dir), base_version=base.version)
             engine = WhisperEngine(settings, resolved=candidate)
             report = evaluate(engine, heldout_examples)
-            decision = gate.decide(gate.compare(live_report.counts(), report.counts(), settings.promote_confidence),
-                                   settings)  # the product's gate (its general-speech check is left out here)
-            promoted = decision.outcome == gate.PROMOTE
+            # the product's gate, on the project's annotated held-out tasks (its general-speech check left out)
+            if len(held) < max(1, settings.heldout_min_items):
+                outcome = "too few held-out"
+            else:
+                on_project = gate.compare(evaluate(live_engine or base_engine, held).counts(),
+                                          evaluate(engine, held).counts(), settings.promote_confidence)
+                outcome = gate.decide(on_project, settings).outcome
+            independent = gate.decide(gate.compare(live_report.counts(), report.counts(),
+                                                   settings.promote_confidence), settings).outcome
+            promoted = outcome == gate.PROMOTE
             curve.candidates.append(report.error_rate)
-            curve.decisions.append(decision.outcome)
+            curve.decisions.append(outcome)
+            curve.independent.append(independent)
+            curve.gate_items.append(len(held))
             if promoted:
                 live_report, live_error, live_engine = report, report.error_rate, engine
-            curve.points.append((len(annotated), live_error))
+            curve.points.append((len(train) + len(held), live_error))
             vocab_share = sum(c.path.name.startswith("domain_") for c in chosen)
             picks = "" if args.corpus else f"{vocab_share}/{len(chosen)} picks had invented names; "
-            print(f"  {strategy:8s} seed {seed} round {round_}: {len(annotated):4d} corrections, candidate "
-                  f"{report.error_rate:.3f} {decision.outcome}, live {live_error:.3f} ({picks}"
-                  f"{result.steps} steps {result.seconds:.0f} s)", flush=True)
+            print(f"  {strategy:8s} seed {seed} round {round_}: {len(train)} trained + {len(held)} held out, "
+                  f"candidate {report.error_rate:.3f} {outcome} (large set: {independent}), live {live_error:.3f} "
+                  f"({picks}{result.steps} steps {result.seconds:.0f} s)", flush=True)
             if promoted and strategy == "entropy" and round_ < args.rounds:  # re-scored after a promotion only
                 labelstudio.predict_project(ls, settings, project, engine, only_unlabeled=True, progress=False)
             del engine
@@ -264,6 +288,21 @@ def plot(curves: list[Curve], path: Path) -> None:
     plt.close(fig)
 
 
+def gate_agreement(curves: list[Curve]) -> dict:
+    """How often the product's gate (on the project's annotated held-out tasks) takes the decision the same rule
+    takes on the large independent held-out set: promote or not."""
+    pairs = [(d, i, n) for c in curves for d, i, n in zip(c.decisions, c.independent, c.gate_items)
+             if d != "no training data"]
+    return {
+        "decisions": len(pairs),
+        "agree": sum((d == "promoted") == (i == "promoted") for d, i, _ in pairs),
+        "promoted_but_not_better": sum(d == "promoted" and i == "rejected" for d, i, _ in pairs),
+        "missed": sum(d != "promoted" and i == "promoted" for d, i, _ in pairs),
+        "median_items": float(np.median([n for _, _, n in pairs])) if pairs else 0.0,
+        "pairs": [f"{d} / {i}" for d, i, _ in pairs],
+    }
+
+
 def summarize(curves: list[Curve], seeds: list[int], corpus: Path | None, force_language: str | None) -> dict:
     """Print the table (mean and 95 % interval per round), the gate's outcomes, the label saving and the
     relative drops; return them for ``loop.json``."""
@@ -286,11 +325,17 @@ def summarize(curves: list[Curve], seeds: list[int], corpus: Path | None, force_
                 cells.append("")
         print(f"{curves[0].points[i][0]:>11} " + " ".join(f"{c:>24s}" for c in cells))
     outcomes = {s: [d for c in curves if c.strategy == s for d in c.decisions] for s in strategies}
-    print("gate outcomes: " + "; ".join(f"{s}: " + ", ".join(f"{outcomes[s].count(o)} {o}" for o in
-                                                             ("promoted", "inconclusive", "rejected"))
+    print("gate outcomes: " + "; ".join(f"{s}: " + ", ".join(f"{n} {o}" for o, n in Counter(outcomes[s]).items())
                                         for s in strategies))
     summary: dict = {"seeds": seeds, "corpus": str(corpus) if corpus else None,
-                     "curves": [asdict(c) for c in curves], "mean": {s: asdict(c) for s, c in means.items()}}
+                     "curves": [asdict(c) for c in curves], "mean": {s: asdict(c) for s, c in means.items()},
+                     "gate_agreement": gate_agreement(curves)}
+    agreement = summary["gate_agreement"]
+    if agreement["decisions"]:
+        print(f"the product's gate (median {agreement['median_items']:.0f} held-out tasks) vs the same rule on the "
+              f"large held-out set: {agreement['agree']}/{agreement['decisions']} agree; "
+              f"{agreement['promoted_but_not_better']} promoted a candidate the large set does not find better, "
+              f"{agreement['missed']} missed one it promotes")
     if {"entropy", "random"} <= means.keys():
         ent, rnd = means["entropy"], means["random"]
         random_final, used = rnd.points[-1][1], rnd.points[-1][0]

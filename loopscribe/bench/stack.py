@@ -103,7 +103,7 @@ def bench_retrain(args: argparse.Namespace, settings: Settings) -> int:
     truth = {c.path.name: c.text for c in clips}
     label_config = LABEL_CONFIG.read_text()
     project = labelstudio.create_project(ls, f"bench retrain {time.strftime('%Y%m%d-%H%M%S')}", label_config)
-    ledger = Ledger(settings.ledger_path)
+    ledger = Ledger(settings.ledger_url)
     try:
         labelstudio.import_audio(ls, settings, project, [c.path for c in clips],
                                  media_root=stack.StackPaths(settings.home).media, progress=False)
@@ -129,7 +129,7 @@ def bench_retrain(args: argparse.Namespace, settings: Settings) -> int:
         for (name, at), (_, nxt) in zip(marks, marks[1:] + [("end", time.time() - start)]):
             print(f"  {name or 'queued':24s} {nxt - at:7.1f} s")
         if j.version:
-            v = Registry(settings.home).get(j.version)
+            v = Registry.open(settings).get(j.version)
             print(f"  train {v.train_size}, held-out {v.heldout_size}, "
                   f"error {v.error_before:.3f} → {v.error_after:.3f}, "
                   f"{v.params['steps']} steps in {v.params['train_seconds']} s on {v.params['device']}"

@@ -1,0 +1,1 @@
+"""Alembic migrations of the ledger's schema (:mod:`ml_backend.schema`); :mod:`ml_backend.database` runs them."""
