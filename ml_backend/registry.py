@@ -6,9 +6,10 @@ only an admin sets (``models promote V --scope global``), or the base model itse
 
 The metadata lives in the ledger's database (:mod:`ml_backend.schema`: ``model_versions``,
 ``live_pointers`` with one row per lineage, ``live_history``), so every replica and worker
-sees one truth and a promotion or rollback is one transaction. The adapters are files::
+sees one truth and a promotion or rollback is one transaction. The adapters are files
+(:mod:`ml_backend.artifacts`)::
 
-    $LOOPSCRIBE_HOME/registry/versions/<version>/adapter/     (peft)
+    ARTIFACTS_URL/versions/<version>/adapter/     (peft; default ARTIFACTS_URL: $LOOPSCRIBE_HOME/registry)
 
 Registries from before the database kept the metadata in files beside them (``live/<scope>.json``,
 ``history.jsonl``, ``versions/<version>/version.json``, and before per-project lineages one
@@ -22,8 +23,6 @@ import builtins
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Connection
 
+from .artifacts import ArtifactStore
 from .database import Database
 from .errors import LoopscribeError
 from .schema import live_history_table, live_pointers_table, model_versions_table
@@ -116,16 +116,18 @@ def _pointer(row: Any) -> dict:
 
 
 class Registry:
-    def __init__(self, home: Path, database: str | Path | None = None):
-        """``database``: the ledger's (``Settings.ledger_url``); default ``ledger.db`` in ``home``."""
+    def __init__(self, home: Path, database: str | Path | None = None, artifacts: str = ""):
+        """``database``: the ledger's (``Settings.ledger_url``), default ``ledger.db`` in ``home``; ``artifacts``:
+        where adapters are stored (``ARTIFACTS_URL``), default ``registry/`` in ``home``."""
         self.root = Path(home) / "registry"
         self.versions_dir = self.root / "versions"
         self.db = Database(database if database is not None else Path(home) / "ledger.db")
+        self.artifacts = ArtifactStore(artifacts or str(self.root), cache=Path(home) / "cache" / "artifacts")
         self.import_files()
 
     @classmethod
     def open(cls, settings: Settings) -> Registry:
-        return cls(settings.home, settings.ledger_url)
+        return cls(settings.home, settings.ledger_url, settings.artifacts_url)
 
     # ---- the registry before the database -------------------------------------------------------
 
@@ -254,7 +256,8 @@ class Registry:
             return self._get(db, version)
 
     def adapter_path(self, version: str) -> Path:
-        return self.versions_dir / version / "adapter"
+        """The version's adapter on this machine (downloaded first when ``ARTIFACTS_URL`` is remote)."""
+        return self.artifacts.local_dir(f"versions/{version}/adapter")
 
     def list(self, project: int | None = None) -> builtins.list[ModelVersion]:
         """Every version, oldest first; only those trained for ``project`` when it is given."""
@@ -273,21 +276,13 @@ class Registry:
     # ---- writing: each one transaction ----------------------------------------------------------
 
     def add(self, version: ModelVersion, adapter_dir: Path) -> ModelVersion:
-        """Store a candidate: its adapter is copied first, its row goes in last, so a crash leaves no half
-        version (an adapter folder without a row is replaced by the next add of that name)."""
+        """Store a candidate: its adapter is stored first, its row goes in last, so a crash leaves no half
+        version (an adapter without a row is replaced by the next add of that name)."""
         with self.db.transaction() as db:
             if db.execute(select(model_versions_table.c.version)
                           .where(model_versions_table.c.version == version.version)).first() is not None:
                 raise RegistryError(f"model version {version.version!r} already exists")
-            target = self.versions_dir / version.version
-            self.versions_dir.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{version.version}.", dir=self.versions_dir))
-            try:
-                shutil.copytree(adapter_dir, tmp / "adapter")
-                shutil.rmtree(target, ignore_errors=True)  # left by a crash before its row was written
-                tmp.rename(target)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+            self.artifacts.put_dir(adapter_dir, f"versions/{version.version}/adapter")
             db.execute(insert(model_versions_table).values(**_version_row(version)))
         return version
 

@@ -76,3 +76,30 @@ def fresh_database(server_url: str) -> str:
         db.execute(text(f'CREATE DATABASE "{name}"'))
     admin.dispose()
     return make_url(database_url(server_url)).set(database=name).render_as_string(hide_password=False)
+
+
+@contextmanager
+def s3_server() -> Iterator[str]:
+    """An S3-compatible server (moto's, from the test extras) on 127.0.0.1; yields its endpoint URL."""
+    import sys
+    import time
+    import urllib.request
+
+    port = _free_port()
+    binary = Path(sys.executable).with_name("moto_server")
+    server = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(endpoint, timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError("the S3 test server did not start")
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

@@ -102,8 +102,9 @@ def test_labeling_page_shows_the_prediction_in_a_real_browser(live, ls, ranked_p
         browser.goto(f"{s.label_studio_url}/projects/{ranked_project}/data?task={task.id}")
         shown = browser.wait_for(f"document.body.innerText.includes({json.dumps(predicted.text)}) "
                                  "&& document.body.innerText", timeout=120)
-        selected = browser.evaluate("[...document.querySelectorAll('.lsf-choices [data-value]')]"
-                                    ".map(e => e.dataset.value).join('|')")
+        # the Choices render a moment after the text on a loaded machine: wait for them too
+        selected = browser.wait_for("[...document.querySelectorAll('.lsf-choices [data-value]')]"
+                                    ".map(e => e.dataset.value).join('|')", timeout=60)
         shot = browser.screenshot(tmp_path / "labeling.png")
     finally:
         browser.close()
