@@ -150,9 +150,9 @@ class PredictionService:
                 good = [(i, clip_) for i, clip_ in zip(part, loaded) if clip_ is not None]
                 transcripts = engine.transcribe([c for _, c in good], options) if good else []
                 for (i, _), t in zip(good, transcripts):
-                    task_id = parsed[i].id if parsed[i] is not None else None  # type: ignore[union-attr]
-                    score = serving_score(t.confidence, task_project, task_id, self.settings.heldout_fraction,
-                                          self.settings.heldout_ahead)
+                    task = parsed[i]
+                    score = serving_score(t.confidence, task_project, task.id if task else None,
+                                          self.settings.heldout_fraction, self.settings.heldout_ahead)
                     results[i] = to_prediction(t, config, self.settings.unsure_word_probability, score)
                 if metrics:
                     metrics.tasks.labels("ok").inc(len(good))

@@ -20,6 +20,7 @@ Serving processes poll the pointers and hot-swap (see :mod:`ml_backend.live`).
 from __future__ import annotations
 
 import builtins
+import functools
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from .artifacts import ArtifactStore
 from .database import Database
 from .errors import LoopscribeError
 from .schema import live_history_table, live_pointers_table, model_versions_table
+from .settings import LEDGER_FILE
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -121,19 +123,22 @@ class Registry:
         where adapters are stored (``ARTIFACTS_URL``), default ``registry/`` in ``home``."""
         self.root = Path(home) / "registry"
         self.versions_dir = self.root / "versions"
-        self.db = Database(database if database is not None else Path(home) / "ledger.db")
+        self.db = Database(database if database is not None else Path(home) / LEDGER_FILE)
         self.artifacts = ArtifactStore(artifacts or str(self.root), cache=Path(home) / "cache" / "artifacts")
         self.import_files()
 
     @classmethod
     def open(cls, settings: Settings) -> Registry:
-        return cls(settings.home, settings.ledger_url, settings.artifacts_url)
+        """The registry ``settings`` name, built once per process: serving asks for it on every request."""
+        return _opened(settings.home, settings.ledger_url, settings.artifacts_url)
 
     # ---- the registry before the database -------------------------------------------------------
 
     def _legacy_files(self) -> builtins.list[Path]:
-        files = [self.root / "live.json", self.root / "history.jsonl"]
-        files += sorted((self.root / "live").glob("*.json")) + sorted(self.versions_dir.glob("*/version.json"))
+        """The files of an earlier release's registry: each version's ``version.json`` first, then the pointers
+        (``live/<scope>.json``, the single-lineage ``live.json``) and ``history.jsonl``."""
+        files = sorted(self.versions_dir.glob("*/version.json")) + sorted((self.root / "live").glob("*.json"))
+        files += [self.root / "live.json", self.root / "history.jsonl"]
         return [f for f in files if f.is_file()]
 
     def import_files(self) -> int:
@@ -147,16 +152,16 @@ class Registry:
         added = 0
         with self.db.transaction() as db:
             known = set(db.execute(select(model_versions_table.c.version)).scalars())
-            for path in sorted(self.versions_dir.glob("*/version.json")):
+            for path in (f for f in files if f.name == "version.json"):
                 info = ModelVersion(**json.loads(path.read_text()))
                 if info.version not in known:
                     db.execute(insert(model_versions_table).values(**_version_row(info)))
                     known.add(info.version)
                     added += 1
-            pointers = [json.loads(p.read_text()) for p in sorted((self.root / "live").glob("*.json"))]
+            pointers = [json.loads(p.read_text()) for p in files if p.parent == self.root / "live"]
             legacy_scope = None
             legacy = self.root / "live.json"
-            if legacy.is_file():
+            if legacy in files:
                 try:
                     pointer = json.loads(legacy.read_text())
                 except json.JSONDecodeError:
@@ -174,7 +179,7 @@ class Registry:
                         since=float(pointer.get("since") or time.time())))
                     added += 1
             history = self.root / "history.jsonl"
-            if history.is_file():
+            if history in files:
                 seen = {(h["at"], h["scope"], h["action"], h["from"], h["to"]) for h in self._history(db, None)}
                 for line in history.read_text().splitlines():
                     if not line.strip():
@@ -347,3 +352,8 @@ class Registry:
                 raise RegistryError(f"{to} is already live in {scope}")
             self._switch_live(db, scope, to, base_version, "rollback")
             return to
+
+
+@functools.lru_cache(maxsize=16)
+def _opened(home: Path, database: str, artifacts: str) -> Registry:
+    return Registry(home, database, artifacts)

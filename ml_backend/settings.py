@@ -14,6 +14,8 @@ from typing import Any, Callable
 
 from .errors import ConfigurationError
 
+LEDGER_FILE = "ledger.db"  # the embedded ledger in LOOPSCRIBE_HOME when DATABASE_URL is empty
+
 
 def _default_home() -> Path:
     xdg = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
@@ -172,7 +174,7 @@ class Settings:
     @property
     def ledger_url(self) -> str:
         """Where the ledger lives: ``DATABASE_URL``, else ``ledger.db`` in ``LOOPSCRIBE_HOME``."""
-        return self.database_url or str(self.home / "ledger.db")
+        return self.database_url or str(self.home / LEDGER_FILE)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

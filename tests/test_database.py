@@ -112,20 +112,19 @@ def _burst(url: str, events: list[dict], threads: int) -> int:
 @pytest.mark.distributed
 def test_webhook_bursts_from_several_replicas_count_each_annotation_once(postgres_url):
     """3 processes (backend replicas) × 4 threads deliver 200 annotations, every event three times, created and
-    then corrected, in shuffled order: each annotation ends as its newest version, counted once."""
-    import random
-
+    then corrected, in shuffled order (the deliveries `bench ledger` times): each annotation ends as its newest
+    version, counted once."""
     from servers import fresh_database
+
+    from loopscribe.bench.ledger import deliveries
 
     url = fresh_database(postgres_url)
     Ledger(url)  # migrate once before the burst
-    events = [correction(a, 1000 + a, f"first {a}", "2026-11-25T10:00:00Z") for a in range(200)]
-    events += [correction(a, 1000 + a, f"second {a}", "2026-11-25T11:00:00Z") for a in range(200)]
-    deliveries = events * 3
-    random.Random(0).shuffle(deliveries)
+    events = deliveries(200, project=7)
+    assert len(events) == 1200
     spawn = multiprocessing.get_context("spawn")
     with spawn.Pool(3) as pool:
-        changed = sum(pool.starmap(_burst, [(url, deliveries[i::3], 4) for i in range(3)]))
+        changed = sum(pool.starmap(_burst, [(url, events[i::3], 4) for i in range(3)]))
     ledger = Ledger(url)
     rows = ledger.corrections.snapshot(7)
     assert len(rows) == 200 and all(r["text"] == f"second {r['id']}" for r in rows)
