@@ -32,6 +32,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from sqlalchemy.exc import OperationalError
 from werkzeug.exceptions import HTTPException
 
 from .audio import AudioDecodeError, duration
@@ -206,6 +207,12 @@ def create_app(settings: Settings | None = None, engine: Transcriber | None = No
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         return error(exc.code or 500, exc.description or exc.name)
+
+    @app.errorhandler(OperationalError)
+    def database_unavailable(exc: OperationalError):  # PostgreSQL unreachable, or SQLite locked past its timeout
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        log.error("%s %s: the ledger's database is unavailable: %s", request.method, clip(request.path), clip(reason))
+        return error(503, "the ledger's database is unavailable; retry", **{"Retry-After": str(RETRY_AFTER_S)})
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):  # the last line of defence: logged with its traceback, no details out

@@ -136,6 +136,27 @@ def test_webhook_bursts_from_several_replicas_count_each_annotation_once(postgre
 
 
 @pytest.mark.distributed
+def test_a_webhook_while_postgresql_is_down_gets_503_and_retry_after(settings, tmp_path):
+    """The backend's own database gone (its server stopped): a clear 503 telling Label Studio to retry, not a 500,
+    and the event is in the audit log."""
+    from servers import postgres_server
+
+    from ml_backend.app import create_app
+
+    class Idle:  # webhooks never reach the model
+        model_version, quantized = "idle", False
+
+    event = correction(1, 10, "Zorvex")
+    with postgres_server() as url:
+        s = replace(settings, home=tmp_path, database_url=url, webhook_secret="", label_studio_url="http://127.0.0.1:9")
+        client = create_app(s, Idle()).test_client()
+        assert client.post("/webhook", json=event).status_code == 201
+    down = client.post("/webhook", json=correction(2, 20, "Kavoria"))
+    assert down.status_code == 503 and down.headers["Retry-After"] and "retry" in down.get_json()["error"]
+    assert '"id": 2' in (tmp_path / "webhooks" / "events.jsonl").read_text()  # kept in the audit log
+
+
+@pytest.mark.distributed
 def test_two_workers_never_run_the_same_job(postgres_url):
     from servers import fresh_database
 
