@@ -12,7 +12,7 @@
     loopscribe bench ledger [--database-url URL] [--threads N]
     loopscribe up | down | status [--json]
     loopscribe import --project N [--storage local|upload] PATH...
-    loopscribe predict --project N [--all|--missing] [--queue]
+    loopscribe predict --project N [--all|--missing] [--queue [--shard-size N] [--wait]]
     loopscribe train --project N [--epochs E] [--wait]
     loopscribe models list | show V | promote V | rollback [--to V]
     loopscribe project create --title T [--config XML]
@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import httpx
@@ -35,6 +36,7 @@ from ml_backend.errors import ConfigurationError, LoopscribeError
 from ml_backend.ledger import Ledger
 from ml_backend.live import live_model
 from ml_backend.model_store import resolve_base
+from ml_backend.prediction_runs import SHARD_SIZE, PredictionRunStore
 from ml_backend.registry import Registry
 from ml_backend.settings import Settings
 
@@ -198,6 +200,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         serving = live_model(settings, p["id"])
         p["serving"] = {"version": serving.version, "lineage": serving.scope}
         p["training"] = _training_report(ledger, settings, p["id"])
+        run = ledger.prediction_runs.latest(p["id"])  # the newest queued pre-annotation run, as the workers left it
+        p["pre_annotation"] = asdict(run) | {"summary": run.summary()} if run else None
     if args.json:
         print(json.dumps(status, indent=None))
         return 0
@@ -247,6 +251,15 @@ def _print_status(status: dict) -> None:
     console.print(projects)
     if jobs_.row_count:
         console.print(jobs_)
+    runs = Table(title="queued pre-annotation (newest run per project)", title_justify="left")
+    for column in ("project", "state", "progress"):
+        runs.add_column(column, justify="right" if column == "project" else "left", overflow="fold")
+    for p in status["projects"]:
+        if p.get("pre_annotation"):
+            run = p["pre_annotation"]
+            runs.add_row(str(p["id"]), "finished" if run["finished_at"] else "running", run["summary"])
+    if runs.row_count:
+        console.print(runs)
     if "label_studio_error" in status:
         console.print(f"Label Studio: {status['label_studio_error']}")
 
@@ -450,15 +463,44 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
     from . import jobs, labelstudio
 
     if args.queue:
-        job = jobs.enqueue_prediction(settings, args.project, only_missing=not args.all)
-        print(f"queued pre-annotation of project {args.project} as job {job.id} (the worker runs it)")
-        return 0
+        run, created, sent = jobs.queue_prediction_run(settings, args.project, only_missing=not args.all,
+                                                       shard_size=args.shard_size)
+        store = Ledger(settings.ledger_url).prediction_runs
+        planned = store.progress(run)
+        assert planned is not None
+        print(f"{'queued' if created else 'resumed'} pre-annotation run {run} of project {args.project}: "
+              f"{planned.tasks} tasks in {planned.shards} shards, {sent} sent to the workers "
+              f"(follow with `loopscribe status`)")
+        return _wait_for_run(store, run, quiet=args.quiet) if args.wait else 0
     engine = WhisperEngine(settings, install_missing=True, project=args.project)  # the project's own live model
     report = labelstudio.predict_project(labelstudio.client(settings), settings, args.project, engine,
                                          only_missing=not args.all, progress=not args.quiet)
     print(f"pre-annotated {report.predicted} tasks ({report.skipped} skipped, {len(report.failed)} failed, "
           f"{report.audio_seconds:.0f} s of audio) with {engine.model_version}")
     return 0
+
+
+def _wait_for_run(store: PredictionRunStore, run: int, quiet: bool) -> int:
+    """Follow a queued run with a progress bar until its last shard ends; 1 when a shard failed."""
+    import time
+
+    from tqdm import tqdm
+
+    report = store.progress(run)
+    assert report is not None
+    with tqdm(total=report.tasks, desc=f"run {run}", unit="task", disable=quiet) as bar:
+        while True:
+            report = store.progress(run)
+            assert report is not None
+            bar.update(report.tasks_finished - bar.n)
+            bar.set_postfix_str(", ".join(f"{n} {s}" for s, n in sorted(report.states.items())))
+            if report.finished_at is not None:
+                break
+            time.sleep(1)
+    print(report.summary())
+    for reason in report.reasons:
+        print(f"  {reason}")
+    return 1 if report.states.get("failed") else 0
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
@@ -617,7 +659,12 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--all", action="store_true", help="re-predict every task")
     group.add_argument("--missing", action="store_true", help="only tasks without a live-version prediction (default)")
-    p.add_argument("--queue", action="store_true", help="hand the job to the worker instead of running it here")
+    p.add_argument("--queue", action="store_true",
+                   help="split the project into shards for the workers (any number, on any machine sharing the "
+                        "database and queue) instead of running here; again: resumes the unfinished run")
+    p.add_argument("--shard-size", type=int, default=SHARD_SIZE, metavar="N",
+                   help="tasks per shard with --queue (default %(default)s)")
+    p.add_argument("--wait", action="store_true", help="with --queue: follow the run until it ends")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_predict)
 

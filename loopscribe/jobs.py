@@ -11,6 +11,11 @@ lose the job; instead, every worker start (and a check every minute) looks for r
 jobs whose worker is gone and queues them again until ``TRAIN_MAX_ATTEMPTS``, after
 which they are failed with the reason. A duplicate message is harmless: only the first
 ``claim`` of a queued job runs it.
+
+Bulk pre-annotation (``loopscribe predict --project N --queue``) works the same way, one
+message per shard of a run (:mod:`ml_backend.prediction_runs`): any number of workers on any
+machines sharing the database and Redis take shards, a dead worker's shard is requeued, and
+asking again resumes the run.
 """
 
 from __future__ import annotations
@@ -21,13 +26,16 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import asdict
+from typing import Any
 
 from huey import Huey, RedisHuey, SqliteHuey, crontab
 
 from ml_backend.errors import LoopscribeError
 from ml_backend.ledger import Ledger
 from ml_backend.live import LiveEngine
+from ml_backend.prediction_runs import SHARD_MAX_ATTEMPTS, SHARD_SIZE
 from ml_backend.settings import Settings
 from ml_backend.training_jobs import Job
 
@@ -60,16 +68,55 @@ def _worker_engine(settings: Settings, project: int):
     return _live.get(project)
 
 
-def run_prediction(project: int, only_missing: bool = True, only_unlabeled: bool = False) -> dict:
-    """Bulk pre-annotation of one project with the live model (resumable: only_missing skips done tasks)."""
+def queue_prediction_run(settings: Settings, project: int, *, only_missing: bool = True,
+                         only_unlabeled: bool = False, shard_size: int = SHARD_SIZE) -> tuple[int, bool, int]:
+    """Split ``project`` into shards for the workers, or resume its unfinished run.
+
+    Resuming requeues shards whose worker is gone and sends every queued shard again (a duplicate
+    message is harmless: only one claim of a shard succeeds). Returns ``(run, created, shards sent)``.
+    """
+    from . import labelstudio
+
+    ledger = Ledger(settings.ledger_url)
+    pages: Iterable[Any] = labelstudio.client(settings).tasks.list(project=project, fields="task_only")
+    task_ids = [int(task.id) for task in pages if task.id is not None]
+    run, created = ledger.prediction_runs.start(project, task_ids, shard_size, only_missing=only_missing,
+                                                only_unlabeled=only_unlabeled)
+    if not created:
+        recover_shards(settings, enqueue=lambda *_: None)
+    queued = ledger.prediction_runs.list(("queued",), run=run)
+    for shard in queued:
+        enqueue_prediction_shard(settings, shard.run, shard.shard)
+    return run, created, len(queued)
+
+
+def run_prediction_shard(run: int, shard: int) -> dict:
+    """Claim one shard of a queued pre-annotation run and pre-annotate its tasks with the live model."""
     from . import labelstudio
 
     settings = Settings.from_env()
-    report = labelstudio.predict_project(labelstudio.client(settings), settings, project,
-                                         _worker_engine(settings, project),
-                                         only_missing=only_missing, only_unlabeled=only_unlabeled, progress=False)
-    log.info("project %s: %s", project, report)
-    return asdict(report)
+    store = Ledger(settings.ledger_url).prediction_runs
+    claimed = store.claim(run, shard, worker_id())
+    if claimed is None:
+        log.info("shard %s/%s is not queued any more (duplicate message); skipped", run, shard)
+        return {"run": run, "shard": shard, "skipped": True}
+    try:
+        engine = _worker_engine(settings, claimed.project)
+        report = labelstudio.predict_project(
+            labelstudio.client(settings), settings, claimed.project, engine, only_missing=claimed.only_missing,
+            only_unlabeled=claimed.only_unlabeled, task_ids=claimed.task_ids,
+            done_since=claimed.run_created_at if claimed.attempts > 1 else None, batch_tasks=16, progress=False,
+            on_batch=lambda: store.heartbeat(run, shard))
+    except Exception as exc:
+        log.exception("shard %s/%s of project %s failed", run, shard, claimed.project)
+        store.finish(run, shard, "failed", reason=describe_error(exc))
+        return {"run": run, "shard": shard, "state": "failed", "reason": describe_error(exc)}
+    reason = "; ".join(f"task {t}: {r}" for t, r in sorted(report.failed.items()))[:2000] or None
+    store.finish(run, shard, "done", predicted=report.predicted, skipped=report.skipped,
+                 failed=len(report.failed), version=engine.model_version, reason=reason)
+    log.info("shard %s/%s of project %s: %d predicted, %d skipped, %d failed", run, shard, claimed.project,
+             report.predicted, report.skipped, len(report.failed))
+    return {"run": run, "shard": shard, "state": "done"} | asdict(report)
 
 
 def run_training_job(job_id: int) -> dict:
@@ -126,21 +173,22 @@ def queue_follow_up(settings: Settings, ledger: Ledger, project: int) -> int | N
     return job.id
 
 
-def recover_jobs(settings: Settings, enqueue=None, *, on_start: bool = False) -> list[tuple[int, str]]:
-    """Requeue or fail running jobs whose worker is gone; on worker start also re-send queued jobs.
+def _worker_gone(worker: str | None, heartbeat_at: float | None) -> bool:
+    """A worker is gone when it ran on this host and its pid is dead, or when its last heartbeat is
+    older than :data:`STALE_HEARTBEAT_S` (a worker on another host)."""
+    worker_host, _, pid = (worker or "").rpartition(":")
+    dead_here = worker_host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid))
+    silent = heartbeat_at is not None and time.time() - heartbeat_at > STALE_HEARTBEAT_S
+    return dead_here or silent
 
-    A worker counts as gone when it ran on this host and its pid is dead, or when its last
-    heartbeat is older than :data:`STALE_HEARTBEAT_S` (other hosts).
-    """
+
+def recover_jobs(settings: Settings, enqueue=None, *, on_start: bool = False) -> list[tuple[int, str]]:
+    """Requeue or fail running training jobs whose worker is gone; on worker start also re-send queued jobs."""
     ledger = Ledger(settings.ledger_url)
     enqueue = enqueue or enqueue_training_job
-    host = socket.gethostname()
     changed = []
     for job in ledger.jobs.list(states=("running",), limit=1000):
-        worker_host, _, pid = (job.worker or "").rpartition(":")
-        dead_here = worker_host == host and pid.isdigit() and not process_alive(int(pid))
-        silent = job.heartbeat_at is not None and time.time() - job.heartbeat_at > STALE_HEARTBEAT_S
-        if dead_here or silent:
+        if _worker_gone(job.worker, job.heartbeat_at):
             where = f"step {job.step}/{job.total_steps}" if job.total_steps else f"stage {job.stage}"
             reason = (f"worker {job.worker} stopped during {where} "
                       f"(attempt {job.attempts} of {settings.train_max_attempts})")
@@ -156,17 +204,37 @@ def recover_jobs(settings: Settings, enqueue=None, *, on_start: bool = False) ->
     return changed
 
 
+def recover_shards(settings: Settings, enqueue=None, *, on_start: bool = False) -> list[tuple[int, int, str]]:
+    """The same for pre-annotation shards: requeue (or fail) those of dead workers; on start re-send queued ones."""
+    store = Ledger(settings.ledger_url).prediction_runs
+    enqueue = enqueue or functools.partial(enqueue_prediction_shard, settings)
+    changed = []
+    for shard in store.list(("running",)):
+        if _worker_gone(shard.worker, shard.heartbeat_at):
+            reason = f"worker {shard.worker} stopped (attempt {shard.attempts} of {SHARD_MAX_ATTEMPTS})"
+            state = store.requeue_or_fail(shard.run, shard.shard, reason, SHARD_MAX_ATTEMPTS)
+            log.warning("shard %s/%s: %s → %s", shard.run, shard.shard, reason, state)
+            changed.append((shard.run, shard.shard, state))
+            if state == "queued":
+                enqueue(shard.run, shard.shard)
+    if on_start:
+        for shard in store.list(("queued",)):
+            if (shard.run, shard.shard, "queued") not in changed:
+                enqueue(shard.run, shard.shard)
+    return changed
+
+
 def register(queue: Huey) -> dict:
     """The jobs, by name."""
     return {
-        "predict": queue.task(retries=1, retry_delay=5, name="predict")(run_prediction),
+        "predict-shard": queue.task(name="predict-shard")(run_prediction_shard),
         "train": queue.task(name="train")(run_training_job),
     }
 
 
-def enqueue_prediction(settings: Settings, project: int, only_missing: bool = True):
-    """Queue bulk pre-annotation; returns huey's result handle (``.get(blocking=True)``)."""
-    return register(open_queue(settings))["predict"](project, only_missing)
+def enqueue_prediction_shard(settings: Settings, run: int, shard: int) -> None:
+    """Hand one shard of a pre-annotation run (already in state ``queued``) to the workers."""
+    register(open_queue(settings))["predict-shard"](run, shard)
 
 
 def enqueue_training_job(job_id: int) -> None:
@@ -194,12 +262,14 @@ def queue_status(settings: Settings) -> dict:
 def _recover_on_start() -> None:
     try:
         recover_jobs(Settings.from_env(), on_start=True)
+        recover_shards(Settings.from_env(), on_start=True)
     except Exception:
         log.exception("job recovery at start-up failed")
 
 
 def _recover_periodically() -> None:
     recover_jobs(Settings.from_env())
+    recover_shards(Settings.from_env())
 
 
 @functools.cache

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from glob import glob
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import requests
@@ -217,14 +219,21 @@ def predict_project(
     *,
     only_missing: bool = True,
     only_unlabeled: bool = False,
+    task_ids: Sequence[int] | None = None,
+    done_since: float | None = None,
     batch_tasks: int = 64,
     progress: bool = True,
+    on_batch: Callable[[], None] | None = None,
 ) -> PredictReport:
     """Bulk pre-annotation with the live model; sets model_version and uncertainty sampling at the end.
 
     ``only_unlabeled`` leaves annotated tasks alone (re-scoring after a promotion: only the
-    pool annotators have yet to see needs new scores). Audio of the next batch is fetched and decoded in
-    background threads while the engine decodes the current one, so Label Studio round trips cost little.
+    pool annotators have yet to see needs new scores). ``task_ids`` limits the run to those tasks
+    (one shard of a queued run), fetched one by one; ``done_since`` (a Unix time) also skips tasks whose
+    prediction of the live version was made after it, so a shard that runs again after its worker
+    died adds nothing twice even when ``only_missing`` is off. ``on_batch`` is called after each
+    batch (a worker's heartbeat). Audio of the next batch is fetched and decoded in background
+    threads while the engine decodes the current one, so Label Studio round trips cost little.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -238,12 +247,17 @@ def predict_project(
     fetcher = AudioFetcher(settings)
     report = PredictReport()
     todo, holding_version = [], 0
-    for task in ls.tasks.list(project=project, fields="all"):
-        has_version = any(p.model_version == version for p in (task.predictions or []))
-        holding_version += has_version
+    for task in (ls.tasks.list(project=project, fields="all") if task_ids is None else _tasks_by_id(ls, task_ids)):
+        if task is None or task.project != project:  # deleted (or moved) since the run was planned
+            report.skipped += 1
+            continue
+        mine = [p for p in (task.predictions or []) if p.model_version == version]
+        holding_version += bool(mine)
         if only_unlabeled and (getattr(task, "total_annotations", 0) or 0) > 0:
             report.skipped += 1
-        elif only_missing and has_version:
+        elif only_missing and mine:
+            report.skipped += 1
+        elif done_since is not None and any(p.created_at and p.created_at.timestamp() >= done_since for p in mine):
             report.skipped += 1
         else:
             todo.append(task)
@@ -280,9 +294,29 @@ def predict_project(
                 report.predicted += created if created is not None else len(predictions)
                 report.audio_seconds += sum(c.size for c in clips) / SAMPLE_RATE
             bar.update(len(batch))
+            if on_batch is not None:
+                on_batch()
     if report.predicted or holding_version:  # Label Studio refuses a version no prediction carries
         ls.projects.update(id=project, model_version=version, sampling=UNCERTAINTY_SAMPLING)
     return report
+
+
+def _tasks_by_id(ls: LabelStudio, task_ids: Sequence[int]) -> Iterator[Any]:
+    """The tasks, fetched four at a time; None for one Label Studio no longer has."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from label_studio_sdk.core.api_error import ApiError
+
+    def get(task_id: int):
+        try:
+            return ls.tasks.get(id=str(task_id))
+        except ApiError as exc:
+            if exc.status_code == 404:
+                return None
+            raise
+
+    with ThreadPoolExecutor(4) as pool:
+        yield from pool.map(get, task_ids)
 
 
 def checked_predictions(interface: LabelInterface, predictions: list[dict], report: PredictReport,

@@ -226,16 +226,17 @@ def start_backend(values: dict[str, str], settings: Settings, paths: StackPaths,
     return pid
 
 
-def start_worker(values: dict[str, str], settings: Settings, paths: StackPaths) -> int:
-    """The job worker: huey's consumer over ``loopscribe.jobs.huey`` (one worker thread: one model)."""
-    pid = running_pid(paths, "worker")
+def start_worker(values: dict[str, str], settings: Settings, paths: StackPaths, name: str = "worker") -> int:
+    """A job worker: huey's consumer over ``loopscribe.jobs.huey`` (one worker thread: one model).
+    ``name`` names its pid and log files; more workers on one queue need a Redis ``REDIS_URL``."""
+    pid = running_pid(paths, name)
     if pid is None:
         cmd = [sys.executable, "-m", "huey.bin.huey_consumer", "loopscribe.jobs.huey", "--workers", "1",
-               "--worker-type", "thread", "--logfile", str(paths.log_file("worker"))]
-        pid = _spawn(paths, "worker", cmd, backend_environment(values, settings))
+               "--worker-type", "thread", "--logfile", str(paths.log_file(name))]
+        pid = _spawn(paths, name, cmd, backend_environment(values, settings))
         time.sleep(2)
         if not process_alive(pid):
-            raise EnvironmentProblem(f"the worker exited during start-up; log tail:\n{_tail(paths.log_file('worker'))}")
+            raise EnvironmentProblem(f"{name} exited during start-up; log tail:\n{_tail(paths.log_file(name))}")
     return pid
 
 

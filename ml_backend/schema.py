@@ -90,3 +90,32 @@ live_history_table = Table(
     Index("live_history_scope", "scope", "id"),
     sqlite_autoincrement=True,
 )
+
+# ---- bulk pre-annotation split into shards that any worker takes (``loopscribe predict --queue``) ----
+
+prediction_runs_table = Table(
+    "prediction_runs", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("project", Integer, nullable=False),
+    Column("options", Text, nullable=False),  # JSON: only_missing, only_unlabeled
+    Column("tasks", Integer, nullable=False), Column("shards", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("finished_at", Float),  # set when its last shard ends (done or failed)
+    Index("prediction_runs_project", "project", "id"),
+    sqlite_autoincrement=True,
+)
+
+prediction_shards_table = Table(
+    "prediction_shards", metadata,
+    Column("run", Integer, primary_key=True, autoincrement=False),
+    Column("shard", Integer, primary_key=True, autoincrement=False),
+    Column("task_ids", Text, nullable=False),  # JSON list of Label Studio task ids
+    Column("state", Text, nullable=False),  # queued | running | done | failed
+    Column("worker", Text),  # host:pid running it
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("started_at", Float), Column("heartbeat_at", Float), Column("finished_at", Float),
+    Column("predicted", Integer), Column("skipped", Integer), Column("failed", Integer),
+    Column("version", Text),  # the model version that pre-annotated it
+    Column("reason", Text),
+    Index("prediction_shards_state", "state", "run"),
+)

@@ -1,8 +1,9 @@
-"""Real database servers for the ``distributed`` tests: a throwaway PostgreSQL on loopback.
+"""Real servers for the ``distributed`` tests: a throwaway PostgreSQL, Redis and S3 on loopback.
 
-The Debian ``postgresql`` package (installed by ``./scripts/test``) provides the binaries;
-the server runs as the ``postgres`` user when the tests run as root (``initdb`` refuses root),
-from a fresh data directory, trusting loopback connections only, and is stopped afterwards.
+The Debian ``postgresql`` and ``redis-server`` packages (installed by ``./scripts/test``) provide
+the binaries. PostgreSQL runs as the ``postgres`` user when the tests run as root (``initdb``
+refuses root), from a fresh data directory, trusting loopback connections only; Redis keeps
+nothing on disk. Each is stopped afterwards.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,6 +60,39 @@ def postgres_server() -> Iterator[str]:
         if (data / "postmaster.pid").exists():
             subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
                            capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    """Start Redis on 127.0.0.1 (no persistence) and yield its URL."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not Path(binary).exists():
+        raise RuntimeError("Redis is not installed (apt-get install redis-server; ./scripts/test does it)")
+    port, root = _free_port(), Path(tempfile.mkdtemp(prefix="loopscribe-redis-"))
+    proc = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+                             "--dir", str(root), "--protected-mode", "yes"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"Redis did not start: {proc.stdout.read() if proc.stdout else ''}")
+            time.sleep(0.1)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
         shutil.rmtree(root, ignore_errors=True)
 
 

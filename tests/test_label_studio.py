@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import requests
 
 from loopscribe import labelstudio, stack
 from loopscribe.demo import SENTENCES, demo_clips, speak
+from ml_backend.ledger import Ledger
 from ml_backend.splits import confidence_of, split_position
 
 pytestmark = pytest.mark.slow
@@ -294,9 +296,14 @@ def test_worker_runs_queued_pre_annotation(live, ls, engine, shared_audio):
     project = labelstudio.find_or_create_project(ls, "queued", CONFIG)
     report = labelstudio.import_audio(ls, s, project, [shared_audio / "one_two_three_en.wav"], media_root=paths.media,
                                       progress=False)
-    job = jobs.enqueue_prediction(s, project)
-    result = job.get(blocking=True, timeout=300)
-    assert result["predicted"] == 1 and not result["failed"]
+    run, created, sent = jobs.queue_prediction_run(s, project)  # the embedded queue: SQLite, one worker
+    assert created and sent == 1
+    store = Ledger(s.ledger_url).prediction_runs
+    deadline = time.monotonic() + 300
+    while store.progress(run).finished_at is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    progress = store.progress(run)
+    assert progress.states == {"done": 1} and (progress.predicted, progress.failed) == (1, 0)
     task = ls.tasks.get(id=report.task_ids[0])
     assert task.predictions and task.predictions[0].model_version == engine.model_version
     assert ls.projects.get(id=project).model_version == engine.model_version
