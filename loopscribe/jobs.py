@@ -39,8 +39,9 @@ from ml_backend.prediction_runs import SHARD_MAX_ATTEMPTS, SHARD_SIZE
 from ml_backend.settings import Settings
 from ml_backend.training_jobs import Job
 
+from .gpus import pin_worker_gpu
 from .labelstudio import describe_error
-from .stack import process_alive
+from .stack import StackPaths, process_alive
 
 log = logging.getLogger(__name__)
 _live_lock = threading.Lock()
@@ -274,8 +275,11 @@ def _recover_periodically() -> None:
 
 @functools.cache
 def consumer_queue() -> Huey:
-    """The worker's queue with its jobs and recovery hooks, opened on first use (not at import)."""
-    queue = open_queue(Settings.from_env())
+    """The worker's queue with its jobs and recovery hooks, opened on first use (not at import).
+    Also where a worker takes its GPU (``WORKER_GPU``), before anything initialises CUDA."""
+    settings = Settings.from_env()
+    pin_worker_gpu(settings.worker_gpu, StackPaths(settings.home).run / "gpus")
+    queue = open_queue(settings)
     register(queue)
     queue.on_startup()(_recover_on_start)
     queue.periodic_task(crontab(minute="*"), name="recover-jobs")(_recover_periodically)

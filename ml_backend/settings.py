@@ -164,6 +164,10 @@ class Settings:
     train_processes: int = setting(0, "TRAIN_PROCESSES", "data-parallel training processes under `accelerate launch` "
                                    "(DDP); 0: one per GPU when the worker has several, else 1; more than 1 on a CPU "
                                    "splits each batch over CPU processes (gloo)", group="training")
+    worker_gpu: str = setting("", "WORKER_GPU", "which GPUs a worker uses: empty = every visible one (training "
+                              "spans them, see TRAIN_PROCESSES); `claim` = one of them, the one fewest workers on "
+                              "this machine hold (so `--scale worker=N` spreads N workers over the GPUs); or a "
+                              "CUDA_VISIBLE_DEVICES list (`1`, `0,1`, a GPU UUID)", group="training")
     train_max_attempts: int = setting(2, "TRAIN_MAX_ATTEMPTS", "a job whose worker died is run again until this many "
                                       "attempts, then failed with the reason", group="training")
 

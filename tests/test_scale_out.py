@@ -22,6 +22,7 @@ import pytest
 
 from loopscribe import labelstudio, stack
 from loopscribe.demo import demo_clips
+from loopscribe.gpus import claim_gpu
 from ml_backend.ledger import Ledger
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -34,7 +35,9 @@ def cluster(settings, engine, tmp_path_factory, launch_stack, postgres_url):
     from servers import fresh_database, redis_server
 
     with redis_server() as redis_url:
-        env = {"DATABASE_URL": fresh_database(postgres_url), "REDIS_URL": redis_url}
+        # WORKER_GPU=claim over two GPU names: the workers must take one each (CUDA itself is not touched)
+        env = {"DATABASE_URL": fresh_database(postgres_url), "REDIS_URL": redis_url, "WORKER_GPU": "claim",
+               "CUDA_VISIBLE_DEVICES": "0,1"}
         with launch_stack(settings, tmp_path_factory, env) as (s, paths, env_file):
             s = replace(s, database_url=env["DATABASE_URL"], redis_url=redis_url)
             second = stack.start_worker(stack.ensure_env_file(env_file), s, paths, name="worker-2")
@@ -67,6 +70,19 @@ def predictions_per_task(s, project: int, version: str) -> dict[int, int]:
     tasks: list = list(labelstudio.client(s).tasks.list(project=project, fields="all"))
     return {t.id: sum(p.model_version == version for p in (t.predictions or []))
             for t in tasks}
+
+
+def test_the_workers_claim_one_gpu_each(cluster):
+    s, paths, _, second = cluster
+    locks, deadline = paths.run / "gpus", time.monotonic() + 120
+    while len(list(locks.glob("*.lock"))) < 2 and time.monotonic() < deadline:  # a worker claims as it starts
+        time.sleep(0.5)
+    holders = {f.name: int(f.read_text()) for f in locks.glob("*.lock")}
+    assert holders == {"0.0.lock": holders["0.0.lock"], "1.0.lock": holders["1.0.lock"]}
+    assert set(holders.values()) == {stack.running_pid(paths, "worker"), second}
+    third = claim_gpu(locks, ["0", "1"])  # both first slots are held: a third worker doubles up on GPU 0
+    assert third is not None and third[1].name.endswith("0.1.lock")
+    third[1].close()
 
 
 def test_two_workers_share_the_shards_of_one_run(cluster, project, engine):
