@@ -21,8 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 LS_IMAGE = "heartexlabs/label-studio:1.23.2"
 HOME = "/data/loopscribe"
 GPU_SERVICES = ("ml-backend", "worker")
-# read by the code outside Settings: the local stack's own paths (not used in containers)
-LOCAL_ONLY = {"LOOPSCRIBE_ENV_FILE", "LABEL_STUDIO_VENV", "LOOPSCRIBE_SHARED_AUDIO", "XDG_DATA_HOME"}
+# read by the code outside Settings: the local stack's own paths (not used in containers), and CUDA's own
+# device list (set in containers by the NVIDIA runtime, then narrowed by WORKER_GPU)
+LOCAL_ONLY = {"LOOPSCRIBE_ENV_FILE", "LABEL_STUDIO_VENV", "LOOPSCRIBE_SHARED_AUDIO", "XDG_DATA_HOME",
+              "CUDA_VISIBLE_DEVICES"}
 LABEL_STUDIO_REQUIRED = {
     "DJANGO_DB": "default", "POSTGRE_HOST": "postgres", "LABEL_STUDIO_ML_BLOCK_LOCAL_IP": "false",
     "LABEL_STUDIO_SSRF_PROTECTION_ENABLED": "false", "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
@@ -88,6 +90,14 @@ def problems(compose: dict, env_example: str) -> list[str]:
             "devices") or []
         if not any(d.get("driver") == "nvidia" and "gpu" in (d.get("capabilities") or []) for d in devices):
             found.append(f"{name}: no GPU reservation")
+    if "BACKEND_REPLICAS" not in str((services["ml-backend"].get("deploy") or {}).get("replicas", "")):
+        found.append("ml-backend: no replicas (BACKEND_REPLICAS)")
+    worker_devices = (((services["worker"].get("deploy") or {}).get("resources") or {}).get("reservations") or {}).get(
+        "devices") or []
+    if not any(d.get("count") == "all" for d in worker_devices):
+        found.append("worker: does not see every GPU (each worker picks one: WORKER_GPU=claim)")
+    if not str((services["worker"].get("environment") or {}).get("WORKER_GPU", "")).startswith("${WORKER_GPU:-claim"):
+        found.append("worker: WORKER_GPU does not default to claim")
     declared = set(compose.get("volumes") or {})
     for name, wanted in MOUNTS.items():
         mounted = _volumes(services[name])
@@ -154,6 +164,9 @@ def proxy_problems(services: dict) -> list[str]:
     for var in ("CLIENT_TIMEOUT", "MAX_REQUEST_BYTES"):
         if var not in (proxy.get("environment") or {}):
             found.append(f"proxy: {var} not set (the template reads it)")
+    template_text = (ROOT / "deploy" / "nginx" / "loopscribe.conf.template").read_text()
+    if "resolver 127.0.0.11" not in template_text or "http://ml-backend:9091" not in template_text:
+        found.append("proxy: the template does not look the backend replicas up in Docker's DNS")
     if "0.0.0.0:9091" not in services["ml-backend"].get("command", []):
         found.append("ml-backend does not listen where the proxy template sends requests (ml-backend:9091)")
     return found
@@ -194,6 +207,8 @@ def _without(compose: dict, path: tuple, key) -> dict:
     (("services", "label-studio", "volumes"), "media:", "label-studio: volume media not mounted"),
     (("volumes",), "loopscribe-data", "volume loopscribe-data not declared"),
     (("services", "worker", "deploy"), "resources", "worker: no GPU reservation"),
+    (("services", "ml-backend", "deploy"), "replicas", "ml-backend: no replicas"),
+    (("services", "worker", "environment"), "WORKER_GPU", "worker: WORKER_GPU does not default to claim"),
     (("services", "redis"), "healthcheck", "redis: no healthcheck"),
     (("services",), "postgres", "service postgres missing"),
     (("services",), "proxy", "service proxy missing"),
