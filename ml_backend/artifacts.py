@@ -1,4 +1,5 @@
-"""Where adapters live: ``ARTIFACTS_URL`` through fsspec; a folder in ``LOOPSCRIBE_HOME`` by default.
+"""Where adapters (and, when it is set, decoded training audio) live: ``ARTIFACTS_URL`` through fsspec;
+a folder in ``LOOPSCRIBE_HOME`` by default.
 
 Versions are immutable, so a remote artifact (``s3://bucket/prefix``, or any fsspec URL whose
 package is installed) is uploaded once and downloaded once per machine into a local cache,
@@ -47,6 +48,25 @@ class ArtifactStore:
             return
         for path in sorted(p for p in Path(source).rglob("*") if p.is_file()):
             self.fs.put_file(str(path), f"{self.root}/{key}/{path.relative_to(source).as_posix()}")
+
+    def put_file(self, source: Path, key: str) -> None:
+        """Store one file under ``key``; on a local store through a temporary name, so readers never see half."""
+        target = f"{self.root}/{key}"
+        if self.remote:
+            self.fs.put_file(str(source), target)
+            return
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(f"{target}.{os.getpid()}.part")
+        shutil.copyfile(source, tmp)
+        tmp.replace(target)
+
+    def get_file(self, key: str, target: Path) -> bool:
+        """Copy the file stored under ``key`` to ``target``; False when there is none."""
+        try:
+            self.fs.get_file(f"{self.root}/{key}", str(target))
+        except FileNotFoundError:
+            return False
+        return True
 
     def local_dir(self, key: str) -> Path:
         """The folder ``key`` on this machine: in place when local, else downloaded into the cache once."""

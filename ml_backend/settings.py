@@ -122,9 +122,10 @@ class Settings:
                                 "and live pointers) on a database server shared by every replica and worker, e.g. "
                                 "postgresql://user:pass@host/loopscribe; empty: SQLite in LOOPSCRIBE_HOME (one "
                                 "machine)", secret=True, group="training")
-    artifacts_url: str = setting("", "ARTIFACTS_URL", "where adapters are stored, any fsspec URL (s3://bucket/prefix "
-                                 "needs s3fs; credentials and endpoint from the usual AWS_* variables); empty: "
-                                 "LOOPSCRIBE_HOME/registry (one machine)", group="training")
+    artifacts_url: str = setting("", "ARTIFACTS_URL", "where adapters are stored, and decoded training audio shared "
+                                 "between machines, any fsspec URL (s3://bucket/prefix needs s3fs; credentials and "
+                                 "endpoint from the usual AWS_* variables); empty: LOOPSCRIBE_HOME/registry (one "
+                                 "machine)", group="training")
     redis_url: str = setting("", "REDIS_URL", "job queue on Redis (workers on several machines); empty: SQLite "
                              "queue in LOOPSCRIBE_HOME (one machine)", secret=True, group="training")
 

@@ -134,6 +134,9 @@ def s3_server() -> Iterator[str]:
                 time.sleep(0.1)
         else:
             raise RuntimeError("the S3 test server did not start")
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses clients; one may still point at an earlier server
         yield endpoint
     finally:
         server.terminate()

@@ -56,3 +56,33 @@ def test_an_adapter_stored_on_s3_by_one_machine_serves_on_another(tmp_path, monk
         assert local.is_relative_to(tmp_path / "replica-home") and adapter_files(local) == adapter_files(adapter)
         fs.rm("loopscribe/artifacts", recursive=True)
         assert adapter_files(replica.adapter_path("v1")) == adapter_files(adapter)  # cached: downloaded once
+
+
+@pytest.mark.distributed
+def test_training_audio_decoded_on_one_machine_is_not_fetched_again_on_another(settings, tmp_path, monkeypatch):
+    """ARTIFACTS_URL also carries the decoded-audio cache: the second machine reads the clip from S3."""
+    from dataclasses import replace
+
+    import fsspec
+    import numpy as np
+    from servers import s3_server
+
+    from training import dataset
+
+    with s3_server() as endpoint:
+        for name, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test",
+                            "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(name, value)
+        fsspec.filesystem("s3").mkdir("loopscribe")
+        clip, fetched = np.linspace(-1, 1, 16_000, dtype=np.float32), []
+        monkeypatch.setattr(dataset, "load_task_audio", lambda fetcher, task, data, key: fetched.append(task) or clip)
+        data = {"audio": "/data/upload/3/clip.wav"}
+        first, second = (dataset.AudioCache(replace(settings, home=tmp_path / name,
+                                                    artifacts_url="s3://loopscribe/artifacts"))
+                         for name in ("worker-a", "worker-b"))
+        assert np.array_equal(first.load(3, data, "audio"), clip) and fetched == [3]
+        assert np.array_equal(second.load(3, data, "audio"), clip) and fetched == [3]  # from S3, not fetched
+        assert np.array_equal(second.load(3, data, "audio"), clip) and fetched == [3]  # then from its own disk
+        assert len(fsspec.filesystem("s3").find("loopscribe/artifacts/cache/audio")) == 1
+        unshared = dataset.AudioCache(replace(settings, home=tmp_path / "alone", artifacts_url=""))
+        assert unshared.shared is None and np.array_equal(unshared.load(3, data, "audio"), clip) and fetched == [3, 3]

@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ml_backend.annotations import classify, extract
+from ml_backend.artifacts import ArtifactStore
 from ml_backend.audio import SAMPLE_RATE, AudioDecodeError
 from ml_backend.fetch import AudioFetcher, AudioFetchError, load_task_audio
 from ml_backend.label_config import TranscriptionConfig, parse_label_config
@@ -131,11 +133,18 @@ def frozen_splits(ledger: Ledger, project: int, tasks: list[int], fraction: floa
 
 
 class AudioCache:
-    """Decoded task audio as .npy under ``$LOOPSCRIBE_HOME/cache/audio``, keyed by task and audio URL."""
+    """Decoded task audio as .npy under ``$LOOPSCRIBE_HOME/cache/audio``, keyed by task and audio URL.
+
+    With ``ARTIFACTS_URL`` set, each decoded clip is also stored there (``cache/audio/``), and a
+    machine that lacks a clip looks there before fetching and decoding it again: workers on
+    several machines decode each clip once between them.
+    """
 
     def __init__(self, settings: Settings):
         self.root = settings.home / "cache" / "audio"
         self.fetcher = AudioFetcher(settings)
+        self.shared = ArtifactStore(settings.artifacts_url, settings.home / "cache" / "artifacts") \
+            if settings.artifacts_url else None
 
     def _path(self, task: int, url: str) -> Path:
         return self.root / f"{task}-{hashlib.sha1(url.encode()).hexdigest()[:12]}.npy"
@@ -144,10 +153,16 @@ class AudioCache:
         path = self._path(task, str(data.get(key)))
         if path.is_file():
             return np.load(path)
-        samples = load_task_audio(self.fetcher, task, data, key)
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".part.npy")
+        tmp = path.with_suffix(f".{os.getpid()}.part.npy")
+        shared_key = f"cache/audio/{path.name}"
+        if self.shared is not None and self.shared.get_file(shared_key, tmp):
+            tmp.replace(path)
+            return np.load(path)
+        samples = load_task_audio(self.fetcher, task, data, key)
         np.save(tmp, samples)
+        if self.shared is not None:
+            self.shared.put_file(tmp, shared_key)
         tmp.replace(path)
         return samples
 
