@@ -10,6 +10,7 @@ import pytest
 
 from loopscribe.bench.loop import Curve
 from loopscribe.bench.uncertainty import score_signals
+from ml_backend.text import normalize
 
 
 def test_corrections_to_reach_interpolates_the_first_crossing():
@@ -138,7 +139,10 @@ def test_bench_adapters_measures_both_strategies_and_they_agree(tmp_path, settin
                                                               ("shared", 2)]
     assert all(r["speed"] > 0 and r["resident_mb"] > 0 and r["peak_mb"] >= r["resident_mb"] for r in rows)
     merged, shared = rows[2], rows[3]
-    assert len(merged["texts"]) == 2 and merged["texts"] == shared["texts"]  # same adapters, same transcripts
+    # same adapters, same transcripts up to punctuation: merging an encoder adapter into bf16 weights rounds them,
+    # so the unmerged (shared) path may differ in the last digits and, rarely, in a full stop
+    assert len(merged["texts"]) == 2 and [[normalize(t) for t in a] for a in merged["texts"]] == [
+        [normalize(t) for t in a] for a in shared["texts"]]
     assert merged["resident_mb"] > rows[0]["resident_mb"]  # a second merged model costs a second model
 
 
