@@ -471,7 +471,7 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{'queued' if created else 'resumed'} pre-annotation run {run} of project {args.project}: "
               f"{planned.tasks} tasks in {planned.shards} shards, {sent} sent to the workers "
               f"(follow with `loopscribe status`)")
-        return _wait_for_run(store, run, quiet=args.quiet) if args.wait else 0
+        return _wait_for_run(store, run, planned.tasks, quiet=args.quiet) if args.wait else 0
     engine = WhisperEngine(settings, install_missing=True, project=args.project)  # the project's own live model
     report = labelstudio.predict_project(labelstudio.client(settings), settings, args.project, engine,
                                          only_missing=not args.all, progress=not args.quiet)
@@ -480,15 +480,13 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _wait_for_run(store: PredictionRunStore, run: int, quiet: bool) -> int:
-    """Follow a queued run with a progress bar until its last shard ends; 1 when a shard failed."""
+def _wait_for_run(store: PredictionRunStore, run: int, tasks: int, quiet: bool) -> int:
+    """Follow a queued run of ``tasks`` tasks with a progress bar until its last shard ends; 1 when a shard failed."""
     import time
 
     from tqdm import tqdm
 
-    report = store.progress(run)
-    assert report is not None
-    with tqdm(total=report.tasks, desc=f"run {run}", unit="task", disable=quiet) as bar:
+    with tqdm(total=tasks, desc=f"run {run}", unit="task", disable=quiet) as bar:
         while True:
             report = store.progress(run)
             assert report is not None

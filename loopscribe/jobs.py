@@ -79,10 +79,12 @@ def queue_prediction_run(settings: Settings, project: int, *, only_missing: bool
     from . import labelstudio
 
     ledger = Ledger(settings.ledger_url)
-    pages: Iterable[Any] = labelstudio.client(settings).tasks.list(project=project, fields="task_only")
-    task_ids = [int(task.id) for task in pages if task.id is not None]
-    run, created = ledger.prediction_runs.start(project, task_ids, shard_size, only_missing=only_missing,
-                                                only_unlabeled=only_unlabeled)
+    run, created = ledger.prediction_runs.unfinished(project), False
+    if run is None:  # only a new run needs the task list (start() still resumes one made meanwhile)
+        pages: Iterable[Any] = labelstudio.client(settings).tasks.list(project=project, fields="task_only")
+        task_ids = [int(task.id) for task in pages if task.id is not None]
+        run, created = ledger.prediction_runs.start(project, task_ids, shard_size, only_missing=only_missing,
+                                                    only_unlabeled=only_unlabeled)
     if not created:
         recover_shards(settings, enqueue=lambda *_: None)
     queued = ledger.prediction_runs.list(("queued",), run=run)

@@ -20,6 +20,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .errors import ConfigurationError
 
+LOCAL_CACHE = Path("cache") / "artifacts"  # under LOOPSCRIBE_HOME: where this machine keeps remote artifacts
+
 
 class ArtifactStore:
     def __init__(self, url: str, cache: Path):

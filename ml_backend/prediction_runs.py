@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from sqlalchemy import func, insert, select, update
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, RowMapping
 
 from .database import Database
 from .schema import prediction_runs_table as runs
@@ -102,8 +102,7 @@ class PredictionRunStore:
         if shard_size < 1:
             raise ValueError("shard_size must be at least 1")
         with self.db.transaction() as db:
-            active = db.execute(select(runs.c.id).where(runs.c.project == project, runs.c.finished_at.is_(None))
-                                .order_by(runs.c.id).limit(1)).scalar()
+            active = self._unfinished(db, project)
             if active is not None:
                 return int(active), False
             ids = [int(t) for t in task_ids]
@@ -119,12 +118,27 @@ class PredictionRunStore:
             return int(run_id), True
 
     @staticmethod
-    def _shard(db: Connection, run: int, shard: int) -> Shard | None:
-        row = db.execute(select(shards, runs.c.project, runs.c.options, runs.c.created_at.label("run_created_at"))
-                         .join(runs, runs.c.id == shards.c.run)
-                         .where(shards.c.run == run, shards.c.shard == shard)).mappings().first()
-        if row is None:
-            return None
+    def _unfinished(db: Connection, project: int) -> int | None:
+        run = db.execute(select(runs.c.id).where(runs.c.project == project, runs.c.finished_at.is_(None))
+                         .order_by(runs.c.id).limit(1)).scalar()
+        return int(run) if run is not None else None
+
+    def unfinished(self, project: int) -> int | None:
+        """The project's unfinished run, if any (the one :meth:`start` would resume)."""
+        with self.db.connect() as db:
+            return self._unfinished(db, project)
+
+    # each shard with its run's project, options and start time, which the worker needs to run it
+    _SHARDS = select(shards, runs.c.project, runs.c.options, runs.c.created_at.label("run_created_at")).join(
+        runs, runs.c.id == shards.c.run)
+
+    @classmethod
+    def _shard(cls, db: Connection, run: int, shard: int) -> Shard | None:
+        row = db.execute(cls._SHARDS.where(shards.c.run == run, shards.c.shard == shard)).mappings().first()
+        return cls._from_row(row) if row is not None else None
+
+    @staticmethod
+    def _from_row(row: RowMapping) -> Shard:
         options = json.loads(row["options"])
         return Shard(run=row["run"], shard=row["shard"], project=row["project"], task_ids=json.loads(row["task_ids"]),
                      state=row["state"], worker=row["worker"], attempts=row["attempts"],
@@ -186,13 +200,12 @@ class PredictionRunStore:
 
     def list(self, states: Sequence[str], run: int | None = None, limit: int = 10_000) -> list[Shard]:
         """Shards in ``states`` (of one run, or of every run), oldest first."""
-        query = select(shards.c.run, shards.c.shard).where(shards.c.state.in_([str(s) for s in states]))
+        query = self._SHARDS.where(shards.c.state.in_([str(s) for s in states]))
         if run is not None:
             query = query.where(shards.c.run == run)
         with self.db.connect() as db:
-            keys = db.execute(query.order_by(shards.c.run, shards.c.shard).limit(limit)).all()
-            found = [self._shard(db, r, s) for r, s in keys]
-        return [s for s in found if s is not None]
+            rows = db.execute(query.order_by(shards.c.run, shards.c.shard).limit(limit)).mappings().all()
+        return [self._from_row(row) for row in rows]
 
     def progress(self, run: int) -> RunProgress | None:
         with self.db.connect() as db:

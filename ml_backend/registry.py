@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.engine import Connection
 
-from .artifacts import ArtifactStore
+from .artifacts import LOCAL_CACHE, ArtifactStore
 from .database import Database
 from .errors import LoopscribeError
 from .schema import live_history_table, live_pointers_table, model_versions_table
@@ -124,7 +124,7 @@ class Registry:
         self.root = Path(home) / "registry"
         self.versions_dir = self.root / "versions"
         self.db = Database(database if database is not None else Path(home) / LEDGER_FILE)
-        self.artifacts = ArtifactStore(artifacts or str(self.root), cache=Path(home) / "cache" / "artifacts")
+        self.artifacts = ArtifactStore(artifacts or str(self.root), cache=Path(home) / LOCAL_CACHE)
         self.import_files()
 
     @classmethod

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ml_backend.annotations import classify, extract
-from ml_backend.artifacts import ArtifactStore
+from ml_backend.artifacts import LOCAL_CACHE, ArtifactStore
 from ml_backend.audio import SAMPLE_RATE, AudioDecodeError
 from ml_backend.fetch import AudioFetcher, AudioFetchError, load_task_audio
 from ml_backend.label_config import TranscriptionConfig, parse_label_config
@@ -143,7 +143,7 @@ class AudioCache:
     def __init__(self, settings: Settings):
         self.root = settings.home / "cache" / "audio"
         self.fetcher = AudioFetcher(settings)
-        self.shared = ArtifactStore(settings.artifacts_url, settings.home / "cache" / "artifacts") \
+        self.shared = ArtifactStore(settings.artifacts_url, settings.home / LOCAL_CACHE) \
             if settings.artifacts_url else None
 
     def _path(self, task: int, url: str) -> Path:
