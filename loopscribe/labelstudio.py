@@ -35,7 +35,7 @@ from ml_backend.fetch import AudioFetcher, AudioFetchError, load_task_audio
 from ml_backend.label_config import parse_label_config
 from ml_backend.predictions import to_prediction
 from ml_backend.settings import Settings
-from ml_backend.splits import serving_score
+from ml_backend.splits import ahead_share, serving_score
 from ml_backend.transcription import TranscribeOptions, Transcriber
 
 log = logging.getLogger(__name__)
@@ -240,8 +240,11 @@ def predict_project(
     from tqdm import tqdm
 
     version = engine.model_version
-    label_config = ls.projects.get(id=project).label_config or ""
+    about = ls.projects.get(id=project)
+    label_config = about.label_config or ""
     config = parse_label_config(label_config)
+    ahead = ahead_share(settings.heldout_fraction, settings.heldout_ahead, settings.heldout_ahead_tasks,
+                        about.task_number)
     interface = LabelInterface(label_config)
     options = TranscribeOptions.for_project(config.language_values)  # only the project's languages
     fetcher = AudioFetcher(settings)
@@ -285,7 +288,7 @@ def predict_project(
                 predictions = checked_predictions(
                     interface, [to_prediction(t, config, settings.unsure_word_probability,
                                               serving_score(t.confidence, project, i, settings.heldout_fraction,
-                                                            settings.heldout_ahead)) | {"task": i}
+                                                            ahead)) | {"task": i}
                                 for i, t in zip(ids, transcripts)], report, config.unsure_name)
                 created = ls.projects.import_predictions(id=project, request=predictions).created  # type: ignore[arg-type]
                 if created is not None and created < len(predictions):  # Label Studio drops what it finds invalid

@@ -55,7 +55,7 @@ from .predictions import to_prediction
 from .projects import ProjectDirectory, ProjectState
 from .safelog import clip
 from .settings import Settings
-from .splits import serving_score
+from .splits import ahead_share, serving_score
 from .transcription import TranscribeOptions, Transcriber
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,7 @@ class PredictionService:
         self.settings = settings
         self.fetcher = AudioFetcher(settings)
         self.live = LiveEngine(settings, engine)
+        self.projects = ProjectDirectory(self.fetcher.auth, self.fetcher.session)
 
     def model_version(self, project: int | None = None) -> str:
         """``project``'s live version, answered without loading the model: Label Studio gives /setup 3 seconds."""
@@ -142,6 +143,9 @@ class PredictionService:
         chunk = self.settings.batch_size or AUTO_CHUNK
         for task_project, indices in by_project.items():
             engine = self.live.get(task_project)
+            ahead = ahead_share(self.settings.heldout_fraction, self.settings.heldout_ahead,
+                                self.settings.heldout_ahead_tasks,
+                                self.projects.size(task_project) if task_project is not None else None)
             for i in indices:
                 results[i]["model_version"] = engine.model_version
             for start in range(0, len(indices), chunk):
@@ -153,7 +157,7 @@ class PredictionService:
                 for (i, _), t in zip(good, transcripts):
                     task = parsed[i]
                     score = serving_score(t.confidence, task_project, task.id if task else None,
-                                          self.settings.heldout_fraction, self.settings.heldout_ahead)
+                                          self.settings.heldout_fraction, ahead)
                     results[i] = to_prediction(t, config, self.settings.unsure_word_probability, score)
                 if metrics:
                     metrics.tasks.labels("ok").inc(len(good))
@@ -191,7 +195,7 @@ def create_app(settings: Settings | None = None, engine: Transcriber | None = No
         service.warm_up()
     metrics = Metrics()
     ledger = Ledger(settings.ledger_url)
-    projects = ProjectDirectory(service.fetcher.auth, service.fetcher.session)
+    projects = service.projects
     predict_slots = threading.BoundedSemaphore(max(1, settings.max_concurrent_predicts))
     events_file = settings.home / "webhooks" / "events.jsonl"
     app = Flask(__name__)

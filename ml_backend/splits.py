@@ -9,7 +9,8 @@ tasks were ranked like the others, the annotated part of the held-out split woul
 hardest clips, and the gate would judge candidates on them alone. So the score is a serving
 key in three bands inside [0, 1], the range Label Studio accepts (:func:`serving_score`):
 
-* ``[0, 0.0009]``: the *ahead* tasks, held-out tasks whose hash is below ``HELDOUT_AHEAD``:
+* ``[0, 0.0009]``: the *ahead* tasks, held-out tasks whose hash is below ``HELDOUT_AHEAD``, or
+  below ``HELDOUT_AHEAD_TASKS`` / the project's size when that is more (:func:`ahead_share`):
   served first, so the gate has a random sample of the project from its first job on;
 * ``[0.001, 0.999]``: the training pool, ranked by confidence (least sure first);
 * ``[0.9991, 1]``: the rest of the held-out split, served after the pool.
@@ -42,13 +43,29 @@ def heldout_by_hash(project: int, task: int, fraction: float) -> bool:
     return split_position(project, task) < fraction
 
 
+def ahead_share(heldout_fraction: float, heldout_ahead: float, heldout_ahead_tasks: int,
+                project_tasks: int | None) -> float:
+    """Share of the project (of hash positions) served ahead: ``heldout_ahead``, raised so that about
+    ``heldout_ahead_tasks`` tasks are when the project's size is known, never more than the held-out split.
+
+    5 % of a 150-task project is 7 tasks: too few for the gate to see a real improvement, so it
+    kept missing them (speechocean762 benchmark). The count floor gives small projects a sample
+    the gate can decide on; large ones keep the share.
+    """
+    share = heldout_ahead
+    if project_tasks:
+        share = max(share, heldout_ahead_tasks / project_tasks)
+    return min(share, heldout_fraction)
+
+
 def serving_score(confidence: float, project: int | None, task: int | None, heldout_fraction: float,
-                  heldout_ahead: float) -> float:
-    """The prediction score Label Studio ranks by (lowest first): see the module's bands."""
+                  ahead: float) -> float:
+    """The prediction score Label Studio ranks by (lowest first): see the module's bands. ``ahead`` is
+    the :func:`ahead_share` of the task's project."""
     band = POOL_BAND
     if project is not None and task is not None:
         position = split_position(project, task)
-        if position < min(heldout_ahead, heldout_fraction):
+        if position < min(ahead, heldout_fraction):
             band = AHEAD_BAND
         elif position < heldout_fraction:
             band = LATER_BAND

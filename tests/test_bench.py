@@ -120,6 +120,11 @@ def test_summary_of_several_seeds(capsys):
     assert (agreement["decisions"], agreement["agree"]) == (8, 6)
     assert (agreement["promoted_but_not_better"], agreement["missed"]) == (1, 1) and "6/8 agree" in out
     assert summary["forced_relative_drop"]["entropy"][0] > summary["forced_relative_drop"]["random"][0]
+    assert "last_candidate_forced_relative_drop" not in summary  # no candidate was scored with the language forced
+    curves[0].candidates_forced, curves[2].candidates_forced = [0.35, 0.36], [0.3, 0.2]  # vs forced 0.45 and 0.4
+    again = summarize(curves, [0, 1], None, "en")
+    assert again["last_candidate_forced_relative_drop"]["entropy"][0] == pytest.approx((0.2 + 0.5) / 2)
+    assert "last candidate, language forced 35.0%" in capsys.readouterr().out
     flat = [run(s, 0, [0.4, 0.4], [0.5], ["rejected"], None) for s in ("entropy", "random")]
     assert summarize(flat, [0], None, None)["entropy_corrections_to_match"] is None
     assert "not measurable" in capsys.readouterr().out

@@ -147,7 +147,7 @@ def test_next_serves_a_random_heldout_sample_first_and_the_rest_after_the_pool(l
     edge = [split_position(project, t) for t in by_position]
     # fractions between this project's hash positions: 2 tasks ahead, 2 more held out, 2 in the pool
     ahead, heldout = (edge[1] + edge[2]) / 2, (edge[3] + edge[4]) / 2
-    s_ = replace(s, heldout_ahead=ahead, heldout_fraction=heldout)
+    s_ = replace(s, heldout_ahead=ahead, heldout_fraction=heldout, heldout_ahead_tasks=0)
     labelstudio.predict_project(ls, s_, project, engine, progress=False)
     served, scores = [], []
     for _ in ids:

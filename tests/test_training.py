@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 
 from ml_backend.ledger import Ledger
-from ml_backend.splits import HELDOUT, TRAIN, confidence_of, heldout_by_hash, serving_score, split_position
+from ml_backend.splits import (
+    HELDOUT,
+    TRAIN,
+    ahead_share,
+    confidence_of,
+    heldout_by_hash,
+    serving_score,
+    split_position,
+)
 from training.dataset import Example, frozen_splits
 from training.lora import LoraArguments, target_tokens
 
@@ -54,7 +62,7 @@ def test_split_is_deterministic_and_frozen(tmp_path):
 def test_serving_score_puts_a_random_heldout_sample_first_and_the_rest_after_the_pool():
     rng = np.random.default_rng(0)
     tasks = {t: float(rng.uniform()) for t in range(1, 2001)}  # task → the model's confidence
-    scores = {t: serving_score(c, 7, t, heldout_fraction=0.2, heldout_ahead=0.05) for t, c in tasks.items()}
+    scores = {t: serving_score(c, 7, t, heldout_fraction=0.2, ahead=0.05) for t, c in tasks.items()}
     ahead = [t for t in tasks if split_position(7, t) < 0.05]
     rest = [t for t in tasks if 0.05 <= split_position(7, t) < 0.2]
     pool = [t for t in tasks if split_position(7, t) >= 0.2]
@@ -68,6 +76,19 @@ def test_serving_score_puts_a_random_heldout_sample_first_and_the_rest_after_the
     assert all(0 <= x <= 1 for x in scores.values())  # what Label Studio accepts
     assert all(abs(confidence_of(round(scores[t], 9)) - tasks[t]) < 1e-5 for t in tasks)
     assert confidence_of(serving_score(0.3, None, 5, 0.2, 0.05)) == pytest.approx(0.3)  # no project: the pool
+
+
+def test_a_small_project_serves_at_least_heldout_ahead_tasks_first():
+    # large project: the share; small: the count; tiny: the whole held-out split, never more
+    assert ahead_share(0.2, 0.05, 30, 10_000) == pytest.approx(0.05)
+    assert ahead_share(0.2, 0.05, 30, 300) == pytest.approx(0.1)
+    assert ahead_share(0.2, 0.05, 30, 100) == pytest.approx(0.2)
+    assert ahead_share(0.2, 0.05, 30, None) == pytest.approx(0.05)  # size unknown (Label Studio down)
+    assert ahead_share(0.2, 0.05, 0, 100) == pytest.approx(0.05)
+    tasks = range(1, 301)
+    ahead = ahead_share(0.2, 0.05, 30, len(tasks))
+    first = [t for t in tasks if serving_score(0.99, 4, t, 0.2, ahead) < 0.001]  # the ahead band
+    assert 20 <= len(first) <= 40 and all(heldout_by_hash(4, t, 0.2) for t in first)
 
 
 def test_lora_arguments_come_from_settings(settings):

@@ -10,7 +10,7 @@ ground truth, pre-annotated by the base model; then, round after round:
 2. each is "annotated" with its ground truth through Label Studio's API (as an annotator
    correcting the prediction would);
 3. as in the product, the annotated tasks the hash puts in the held-out split
-   (``HELDOUT_FRACTION``; ``HELDOUT_AHEAD`` of them served first by ``/next``) are not trained
+   (``HELDOUT_FRACTION``; ``HELDOUT_AHEAD``/``HELDOUT_AHEAD_TASKS`` of them served first by ``/next``) are not trained
    on: a LoRA adapter is trained on the others (the retraining job's recipe), and the product's
    gate compares it with the live model on the project's annotated held-out tasks; it goes live
    only when the gate promotes it, and for ``entropy`` a promotion re-scores the unlabeled
@@ -70,6 +70,7 @@ class Curve:
     independent: list[str] = field(default_factory=list)  # the same rule on the large independent held-out set
     gate_items: list[int] = field(default_factory=list)  # annotated held-out tasks the product's gate had
     forced: tuple[float, float] | None = None  # live model's held-out error with the language forced: first, last
+    candidates_forced: list[float] = field(default_factory=list)  # each candidate's, with the language forced
 
     def corrections_to_reach(self, target: float) -> float | None:
         """Corrections at which the curve first reaches ``target`` (linear between rounds); None if never."""
@@ -202,6 +203,8 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
                                 adapter=str(result.adapter_dir), base_version=base.version)
             engine = WhisperEngine(settings, resolved=candidate)
             report = evaluate(engine, heldout_examples)
+            if forced is not None:  # learning apart from fixing the detected language, whether promoted or not
+                curve.candidates_forced.append(evaluate(engine, heldout_examples, forced).error_rate)
             # the product's gate, on the project's annotated held-out tasks (its general-speech check left out)
             if len(held) < max(1, settings.heldout_min_items):
                 outcome = "too few held-out"
@@ -358,6 +361,12 @@ def summarize(curves: list[Curve], seeds: list[int], corpus: Path | None, force_
             fm, flo, fhi = mean_interval(forced)
             line += f"; with the language forced ({force_language}) {fm:.1%} [{flo:.1%}, {fhi:.1%}]"
             summary.setdefault("forced_relative_drop", {})[s] = [fm, flo, fhi]
+        last = [(c.forced[0] - c.candidates_forced[-1]) / c.forced[0] for c in runs
+                if c.forced and c.forced[0] and c.candidates_forced]
+        if last:  # what the last round's training learned, whatever the gate made of it
+            cm, clo, chi = mean_interval(last)
+            line += f"; last candidate, language forced {cm:.1%} [{clo:.1%}, {chi:.1%}]"
+            summary.setdefault("last_candidate_forced_relative_drop", {})[s] = [cm, clo, chi]
         summary.setdefault("relative_drop", {})[s] = [m, lo, hi]
         print(line + f"; {sum(c.seconds for c in runs) / 60:.1f} min")
     return summary
