@@ -109,14 +109,16 @@ def run_prediction_shard(run: int, shard: int) -> dict:
             labelstudio.client(settings), settings, claimed.project, engine, only_missing=claimed.only_missing,
             only_unlabeled=claimed.only_unlabeled, task_ids=claimed.task_ids,
             done_since=claimed.run_created_at if claimed.attempts > 1 else None, batch_tasks=16, progress=False,
-            on_batch=lambda: store.heartbeat(run, shard))
+            on_batch=lambda: store.heartbeat(claimed))
     except Exception as exc:
         log.exception("shard %s/%s of project %s failed", run, shard, claimed.project)
-        store.finish(run, shard, "failed", reason=describe_error(exc))
+        store.finish(claimed, "failed", reason=describe_error(exc))
         return {"run": run, "shard": shard, "state": "failed", "reason": describe_error(exc)}
     reason = "; ".join(f"task {t}: {r}" for t, r in sorted(report.failed.items()))[:2000] or None
-    store.finish(run, shard, "done", predicted=report.predicted, skipped=report.skipped,
-                 failed=len(report.failed), version=engine.model_version, reason=reason)
+    if not store.finish(claimed, "done", predicted=report.predicted, skipped=report.skipped,
+                        failed=len(report.failed), version=engine.model_version, reason=reason):
+        log.warning("shard %s/%s was taken over while this worker was silent; its counts are the new holder's",
+                    run, shard)
     log.info("shard %s/%s of project %s: %d predicted, %d skipped, %d failed", run, shard, claimed.project,
              report.predicted, report.skipped, len(report.failed))
     return {"run": run, "shard": shard, "state": "done"} | asdict(report)

@@ -223,7 +223,7 @@ def predict_project(
     done_since: float | None = None,
     batch_tasks: int = 64,
     progress: bool = True,
-    on_batch: Callable[[], None] | None = None,
+    on_batch: Callable[[], object] | None = None,
 ) -> PredictReport:
     """Bulk pre-annotation with the live model; sets model_version and uncertainty sampling at the end.
 

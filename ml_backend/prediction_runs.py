@@ -160,21 +160,31 @@ class PredictionRunStore:
                                          heartbeat_at=now, attempts=shards.c.attempts + 1))
             return self._shard(db, run, shard) if claimed.rowcount else None
 
-    def heartbeat(self, run: int, shard: int) -> None:
-        with self.db.connect() as db:
-            db.execute(update(shards).where(shards.c.run == run, shards.c.shard == shard)
-                       .values(heartbeat_at=time.time()))
+    @staticmethod
+    def _held_by(claimed: Shard):
+        """The shard row as long as this claim holds it: running, same worker, same attempt."""
+        return update(shards).where(shards.c.run == claimed.run, shards.c.shard == claimed.shard,
+                                    shards.c.state == ShardState.RUNNING.value, shards.c.worker == claimed.worker,
+                                    shards.c.attempts == claimed.attempts)
 
-    def finish(self, run: int, shard: int, state: ShardState | str, *, predicted: int = 0, skipped: int = 0,
-               failed: int = 0, version: str | None = None, reason: str | None = None) -> None:
-        """End a running shard; the run ends with its last shard."""
+    def heartbeat(self, claimed: Shard) -> bool:
+        """The claim's worker is alive; False when the shard was taken from it (requeued after silence)."""
+        with self.db.connect() as db:
+            return bool(db.execute(self._held_by(claimed).values(heartbeat_at=time.time())).rowcount)
+
+    def finish(self, claimed: Shard, state: ShardState | str, *, predicted: int = 0, skipped: int = 0,
+               failed: int = 0, version: str | None = None, reason: str | None = None) -> bool:
+        """End the shard this claim holds; the run ends with its last shard. False, and nothing written, when
+        the shard was taken from this claim meanwhile (its worker fell silent and another took it over): the
+        counts belong to whoever holds it now."""
         now = time.time()
         with self.db.transaction() as db:
-            db.execute(update(shards).where(shards.c.run == run, shards.c.shard == shard,
-                                            shards.c.state == ShardState.RUNNING.value)
-                       .values(state=str(state), predicted=predicted, skipped=skipped, failed=failed,
-                               version=version, reason=reason, finished_at=now, heartbeat_at=now))
-            self._finish_run_if_done(db, run, now)
+            ended = db.execute(self._held_by(claimed).values(
+                state=str(state), predicted=predicted, skipped=skipped, failed=failed, version=version,
+                reason=reason, finished_at=now, heartbeat_at=now)).rowcount
+            if ended:
+                self._finish_run_if_done(db, claimed.run, now)
+            return bool(ended)
 
     @staticmethod
     def _finish_run_if_done(db: Connection, run: int, now: float) -> None:

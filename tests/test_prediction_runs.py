@@ -50,9 +50,9 @@ def test_the_run_ends_with_its_last_shard_and_the_next_one_is_new(database):
     store = Ledger(database).prediction_runs
     run, _ = store.start(7, range(5), shard_size=2)
     for n, shard in enumerate(store.list(("queued",), run=run)):
-        assert store.claim(run, shard.shard, f"host:{n}") is not None
-        assert store.progress(run).finished_at is None
-        store.finish(run, shard.shard, "done", predicted=len(shard.task_ids) - 1, skipped=1, version="v1")
+        claimed = store.claim(run, shard.shard, f"host:{n}")
+        assert claimed is not None and store.progress(run).finished_at is None
+        assert store.finish(claimed, "done", predicted=len(shard.task_ids) - 1, skipped=1, version="v1")
     progress = store.progress(run)
     assert progress.finished_at is not None and progress.states == {"done": 3}
     assert (progress.predicted, progress.skipped, progress.tasks_finished) == (2, 3, 5)
@@ -96,14 +96,26 @@ def test_a_dead_workers_shard_is_requeued_until_its_attempts_run_out(database):
     for attempt in (1, 2):
         assert store.claim(run, 0, "gone:1").attempts == attempt
         assert store.requeue_or_fail(run, 0, "worker gone:1 stopped", max_attempts=3) == "queued"
-    store.claim(run, 1, "w:2")
-    store.finish(run, 1, "done", predicted=2)
+    assert store.finish(store.claim(run, 1, "w:2"), "done", predicted=2)
     assert store.claim(run, 0, "gone:1").attempts == 3
     assert store.requeue_or_fail(run, 0, "worker gone:1 stopped", max_attempts=3) == "failed"
     assert store.requeue_or_fail(run, 0, "again", max_attempts=3) == "failed"  # no longer running: untouched
     progress = store.progress(run)
     assert progress.finished_at is not None and progress.states == {"done": 1, "failed": 1}
     assert progress.reasons == ["shard 0: worker gone:1 stopped"]
+
+
+def test_a_silent_worker_whose_shard_was_taken_over_writes_nothing(database):
+    store = Ledger(database).prediction_runs
+    run, _ = store.start(7, range(2), shard_size=2)
+    stale = store.claim(run, 0, "slow:1")
+    assert store.heartbeat(stale)
+    assert store.requeue_or_fail(run, 0, "silent for 15 min", max_attempts=3) == "queued"
+    fresh = store.claim(run, 0, "slow:1")  # the same process may take it again (another huey thread)
+    assert not store.heartbeat(stale) and not store.finish(stale, "done", predicted=99)
+    assert store.progress(run).states == {"running": 1}
+    assert store.heartbeat(fresh) and store.finish(fresh, "done", predicted=2)
+    assert (store.progress(run).states, store.progress(run).predicted) == ({"done": 1}, 2)
 
 
 @pytest.mark.distributed
