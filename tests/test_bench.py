@@ -125,6 +125,12 @@ def test_summary_of_several_seeds(capsys):
     again = summarize(curves, [0, 1], None, "en")
     assert again["last_candidate_forced_relative_drop"]["entropy"][0] == pytest.approx((0.2 + 0.5) / 2)
     assert "last candidate, language forced 35.0%" in capsys.readouterr().out
+    curves[0].general, curves[2].general = [(0.05, 0.06), (0.06, 0.052)], [(0.05, 0.05), (0.05, 0.054)]
+    curves[0].wrong_language, curves[2].wrong_language = [3, 1, 0], [2, 2, 1]
+    again = summarize(curves, [0, 1], None, "en", general_margin=0.005)
+    assert again["general_speech_change"]["entropy"][0] == pytest.approx((0.002 + 0.004) / 2)
+    out = capsys.readouterr().out
+    assert "1 of 4 candidates more than 0.005 worse" in out and "another language: 5 → 1" in out
     flat = [run(s, 0, [0.4, 0.4], [0.5], ["rejected"], None) for s in ("entropy", "random")]
     assert summarize(flat, [0], None, None)["entropy_corrections_to_match"] is None
     assert "not measurable" in capsys.readouterr().out

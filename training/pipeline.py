@@ -59,7 +59,7 @@ def _adapter_digest(adapter_dir: Path) -> str:
     return digest.hexdigest()[:8]
 
 
-def _regression_check(settings: Settings, live: Transcriber, candidate: Transcriber) -> gate.RegressionCheck | None:
+def regression_check(settings: Settings, live: Transcriber, candidate: Transcriber) -> gate.RegressionCheck | None:
     """Both models on the general-speech regression set (``REGRESSION_AUDIO``); None when there is none."""
     from ml_backend.audio import AudioDecodeError, decode_audio
 
@@ -141,7 +141,7 @@ def run_training(
         regression = None
         if gate.decide(comparison, settings).outcome == gate.PROMOTE:  # general speech only matters then
             on_progress(stage="checking general speech")
-            regression = _regression_check(settings, live_engine, candidate_engine)
+            regression = regression_check(settings, live_engine, candidate_engine)
         decision = gate.decide(comparison, settings, regression)
         promote, reason = decision.outcome == gate.PROMOTE, decision.reason
 

@@ -12,8 +12,9 @@ ground truth, pre-annotated by the base model; then, round after round:
 3. as in the product, the annotated tasks the hash puts in the held-out split
    (``HELDOUT_FRACTION``; ``HELDOUT_AHEAD``/``HELDOUT_AHEAD_TASKS`` of them served first by ``/next``) are not trained
    on: a LoRA adapter is trained on the others (the retraining job's recipe), and the product's
-   gate compares it with the live model on the project's annotated held-out tasks; it goes live
-   only when the gate promotes it, and for ``entropy`` a promotion re-scores the unlabeled
+   gate compares it with the live model on the project's annotated held-out tasks and on the
+   general-speech regression set (``REGRESSION_AUDIO``, the shared recordings by default, as
+   ``up`` sets it); it goes live only when the gate promotes it, and for ``entropy`` a promotion re-scores the unlabeled
    tasks so the next ``/next`` ranks by the new model.
 
 The curve is the live model's error on a large independent held-out set (clips never in the
@@ -52,7 +53,7 @@ import requests
 from ml_backend.settings import Settings
 
 from ..demo import ReferenceClip, load, shared_clips
-from ..paths import LABEL_CONFIG
+from ..paths import LABEL_CONFIG, shared_audio_dir
 from .synth import TEMPLATES, domain_clips, template_of
 from .uncertainty import hard_variants
 
@@ -71,6 +72,9 @@ class Curve:
     gate_items: list[int] = field(default_factory=list)  # annotated held-out tasks the product's gate had
     forced: tuple[float, float] | None = None  # live model's held-out error with the language forced: first, last
     candidates_forced: list[float] = field(default_factory=list)  # each candidate's, with the language forced
+    general: list[tuple[float, float]] = field(default_factory=list)  # regression set (live, candidate) per round
+    wrong_language: list[int] = field(default_factory=list)  # held-out utterances heard in another language:
+    # the base model, then each round's candidate
 
     def corrections_to_reach(self, target: float) -> float | None:
         """Corrections at which the curve first reaches ``target`` (linear between rounds); None if never."""
@@ -150,6 +154,7 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
     from training.dataset import Example
     from training.evaluate import evaluate
     from training.lora import LoraArguments, train_lora
+    from training.pipeline import regression_check
 
     from .. import labelstudio
 
@@ -166,6 +171,7 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
         labelstudio.predict_project(ls, settings, project, base_engine, progress=False)  # content-hash cache: fast
         live_report = evaluate(base_engine, heldout_examples)
         live_error, live_engine = live_report.error_rate, None
+        curve.wrong_language.append(wrong_language(live_report))
         forced_first = evaluate(base_engine, heldout_examples, forced).error_rate if forced else None
         curve.points.append((0, live_error))
         print(f"  {strategy:8s} seed {seed} round 0: {0:4d} corrections, held-out error {live_error:.3f}"
@@ -203,17 +209,21 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
                                 adapter=str(result.adapter_dir), base_version=base.version)
             engine = WhisperEngine(settings, resolved=candidate)
             report = evaluate(engine, heldout_examples)
+            curve.wrong_language.append(wrong_language(report))
             if forced is not None:  # learning apart from fixing the detected language, whether promoted or not
                 curve.candidates_forced.append(evaluate(engine, heldout_examples, forced).error_rate)
-            # the product's gate, on the project's annotated held-out tasks (its general-speech check left out)
+            general = regression_check(settings, live_engine or base_engine, engine)  # forgetting
+            if general is not None:
+                curve.general.append((general.live_error, general.candidate_error))
+            # the product's gate, on the project's annotated held-out tasks and the regression set
             if len(held) < max(1, settings.heldout_min_items):
                 outcome = "too few held-out"
             else:
                 on_project = gate.compare(evaluate(live_engine or base_engine, held).counts(),
                                           evaluate(engine, held).counts(), settings.promote_confidence)
-                outcome = gate.decide(on_project, settings).outcome
+                outcome = gate.decide(on_project, settings, general).outcome
             independent = gate.decide(gate.compare(live_report.counts(), report.counts(),
-                                                   settings.promote_confidence), settings).outcome
+                                                   settings.promote_confidence), settings, general).outcome
             promoted = outcome == gate.PROMOTE
             curve.candidates.append(report.error_rate)
             curve.decisions.append(outcome)
@@ -224,9 +234,11 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
             curve.points.append((len(train) + len(held), live_error))
             vocab_share = sum(c.path.name.startswith("domain_") for c in chosen)
             picks = "" if args.corpus else f"{vocab_share}/{len(chosen)} picks had invented names; "
+            also = (f"; language forced {curve.candidates_forced[-1]:.3f}" if forced is not None else "") + (
+                f"; general speech {general.live_error:.3f} → {general.candidate_error:.3f}" if general else "")
             print(f"  {strategy:8s} seed {seed} round {round_}: {len(train)} trained + {len(held)} held out, "
-                  f"candidate {report.error_rate:.3f} {outcome} (large set: {independent}), live {live_error:.3f} "
-                  f"({picks}{result.steps} steps {result.seconds:.0f} s)", flush=True)
+                  f"candidate {report.error_rate:.3f}{also} {outcome} (large set: {independent}), live "
+                  f"{live_error:.3f} ({picks}{result.steps} steps {result.seconds:.0f} s)", flush=True)
             if promoted and strategy == "entropy" and round_ < args.rounds:  # re-scored after a promotion only
                 labelstudio.predict_project(ls, settings, project, engine, only_unlabeled=True, progress=False)
             del engine
@@ -240,6 +252,11 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
             ls.projects.delete(id=project)
     curve.seconds = time.perf_counter() - started
     return curve
+
+
+def wrong_language(report) -> int:
+    """Utterances the model heard in another language than they are in."""
+    return sum(e["detected_language"] not in (None, e["language"]) for e in report.examples)
 
 
 def mean_interval(values: list[float]) -> tuple[float, float, float]:
@@ -306,9 +323,11 @@ def gate_agreement(curves: list[Curve]) -> dict:
     }
 
 
-def summarize(curves: list[Curve], seeds: list[int], corpus: Path | None, force_language: str | None) -> dict:
-    """Print the table (mean and 95 % interval per round), the gate's outcomes, the label saving and the
-    relative drops; return them for ``loop.json``."""
+def summarize(curves: list[Curve], seeds: list[int], corpus: Path | None, force_language: str | None,
+              general_margin: float = 0.0) -> dict:
+    """Print the table (mean and 95 % interval per round), the gate's outcomes, the label saving, the
+    relative drops, forgetting on general speech (``general_margin``: the gate's REGRESSION_MAX_INCREASE) and
+    wrong-language predictions; return them for ``loop.json``."""
     strategies = list(dict.fromkeys(c.strategy for c in curves))
     means = {s: mean_curve([c for c in curves if c.strategy == s]) for s in strategies}
     print(f"\nheld-out error: mean over {len(seeds)} seed(s) [95 % interval]; live model (behind the gate), "
@@ -367,6 +386,18 @@ def summarize(curves: list[Curve], seeds: list[int], corpus: Path | None, force_
             cm, clo, chi = mean_interval(last)
             line += f"; last candidate, language forced {cm:.1%} [{clo:.1%}, {chi:.1%}]"
             summary.setdefault("last_candidate_forced_relative_drop", {})[s] = [cm, clo, chi]
+        general = [c.general[-1][1] - c.general[0][0] for c in runs if c.general]
+        if general:  # forgetting: the last candidate against the base on the regression set, in points
+            gm, glo, ghi = mean_interval(general)
+            over = sum(lc - ll > general_margin for c in runs for ll, lc in c.general)
+            line += (f"; general speech (base {np.mean([c.general[0][0] for c in runs if c.general]):.3f}): last "
+                     f"candidate {gm:+.3f} [{glo:+.3f}, {ghi:+.3f}], {over} of {sum(len(c.general) for c in runs)} "
+                     f"candidates more than {general_margin} worse than the live model")
+            summary.setdefault("general_speech_change", {})[s] = [gm, glo, ghi]
+        wrong = [(c.wrong_language[0], c.wrong_language[-1]) for c in runs if len(c.wrong_language) > 1]
+        if wrong:
+            line += (f"; heard in another language: {sum(w for w, _ in wrong)} → {sum(w for _, w in wrong)} "
+                     "held-out utterances (base → last candidate, all seeds)")
         summary.setdefault("relative_drop", {})[s] = [m, lo, hi]
         print(line + f"; {sum(c.seconds for c in runs) / 60:.1f} min")
     return summary
@@ -379,6 +410,8 @@ def bench_loop(args: argparse.Namespace, settings: Settings) -> int:
     from .. import labelstudio, stack
 
     ls = labelstudio.client(settings)
+    if not settings.regression_audio and (shared_audio_dir() / "transcripts.json").is_file():
+        settings = replace(settings, regression_audio=str(shared_audio_dir()))  # the gate's check, as `up` sets it
     base_engine = WhisperEngine(settings, install_missing=True)
     media = stack.StackPaths(settings.home).media
     seeds = list(range(args.seed, args.seed + (args.seeds or (3 if args.corpus else 1))))
@@ -402,7 +435,7 @@ def bench_loop(args: argparse.Namespace, settings: Settings) -> int:
         curves += [run_strategy(s, args, settings, ls, base_engine, pool, heldout_examples, media, seed)
                    for s in args.strategy or STRATEGIES]
 
-    summary = summarize(curves, seeds, args.corpus, args.force_language)
+    summary = summarize(curves, seeds, args.corpus, args.force_language, settings.regression_max_increase)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot(curves, out / "loop.png")
