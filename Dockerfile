@@ -24,6 +24,7 @@ COPY pyproject.toml README.md label_config.xml ./
 COPY ml_backend ml_backend
 COPY training training
 COPY loopscribe loopscribe
+COPY data data
 RUN pip install -e ".[s3]"   # s3fs: ARTIFACTS_URL=s3://… works in the image
 
 # uid 1001 is Label Studio's user in its image: both read and write the shared media volume

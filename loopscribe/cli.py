@@ -571,6 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout", type=int, default=60, help="--corpus: held-out utterances (other speakers)")
     p.add_argument("--force-language", help="also score the live model with this language forced (default: the "
                                             "corpus's language when it has one)")
+    p.add_argument("--languages", type=lambda v: v.split(","), help="the scratch projects' languages, as "
+                   "`project create --languages` (default: the corpus's; `any`: every language, detected)")
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="where loop.png and loop.json go")
     p.add_argument("--keep", action="store_true", help="keep the scratch projects")
     p.set_defaults(func=cmd_bench)

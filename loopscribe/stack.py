@@ -22,7 +22,7 @@ from dotenv import dotenv_values
 from ml_backend.errors import EnvironmentProblem
 from ml_backend.settings import Settings
 
-from .paths import REPO_ROOT, shared_audio_dir
+from .paths import REPO_ROOT, default_regression_audio
 
 ENV_FILE = Path(os.environ.get("LOOPSCRIBE_ENV_FILE") or REPO_ROOT / ".env")
 LS_VENV = Path(os.environ.get("LABEL_STUDIO_VENV") or REPO_ROOT / ".venv-ls")
@@ -118,8 +118,8 @@ def backend_environment(values: dict[str, str], settings: Settings) -> dict[str,
                                         "BASIC_AUTH_PASS", "WEBHOOK_SECRET", "BACKEND_URL") if k in values})
     env["LOOPSCRIBE_HOME"] = str(settings.home)
     env["WHISPER_MODEL"] = settings.whisper_model
-    if not env.get("REGRESSION_AUDIO") and (shared_audio_dir() / "transcripts.json").is_file():
-        env["REGRESSION_AUDIO"] = str(shared_audio_dir())  # the gate's general-speech check (real recordings)
+    if not env.get("REGRESSION_AUDIO"):
+        env["REGRESSION_AUDIO"] = default_regression_audio()  # the gate's general-speech check (real recordings)
     return env
 
 

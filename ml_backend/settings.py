@@ -136,9 +136,11 @@ class Settings:
     promote_confidence: float = setting(0.95, "PROMOTE_CONFIDENCE", "… and better with this confidence (one-sided "
                                         "paired bootstrap over held-out utterances); otherwise: not enough evidence",
                                         group="training")
-    regression_audio: str = setting("", "REGRESSION_AUDIO", "folder of general real recordings with "
-                                    "`transcripts.json`; a candidate may not be worse on them (`up` uses the shared "
-                                    "recordings when present)", group="training")
+    regression_audio: str = setting("", "REGRESSION_AUDIO", "folders (comma-separated) of general real recordings "
+                                    "with `transcripts.json`; a candidate may not be worse on those in its "
+                                    "project's languages (`up` and compose: the bundled LJ Speech set "
+                                    "`data/regression-en`, plus the shared recordings when present)",
+                                    group="training")
     regression_max_increase: float = setting(0.005, "REGRESSION_MAX_INCREASE", "largest rise of the regression "
                                              "set's error rate a candidate may cause (0.005 = half a point)",
                                              group="training")

@@ -60,3 +60,26 @@ def test_regression_clips_come_from_a_transcripts_file(tmp_path, settings):
     clips = gate.regression_clips(replace(settings, regression_audio=str(tmp_path)))
     assert clips == [(tmp_path / "a.wav", "hello", "en")]
     assert gate.regression_clips(replace(settings, regression_audio="")) == []
+    other = tmp_path / "fr"
+    other.mkdir()
+    (other / "b.wav").write_bytes(b"RIFF")
+    (other / "transcripts.json").write_text(json.dumps({"b.wav": {"text": "bonjour", "language": "fr"}}))
+    both = replace(settings, regression_audio=f"{tmp_path}, {other},/nowhere")  # several folders, one missing
+    assert [c[1] for c in gate.regression_clips(both)] == ["hello", "bonjour"]
+    assert [c[1] for c in gate.regression_clips(both, ["fr"])] == ["bonjour"]  # a French project's check
+
+
+def test_the_bundled_regression_set_is_real_english_speech_with_transcripts(settings):
+    from loopscribe.paths import REGRESSION_EN, default_regression_audio
+
+    clips = gate.regression_clips(replace(settings, regression_audio=str(REGRESSION_EN)))
+    assert len(clips) == 32 and {c[2] for c in clips} == {"en"} and all(len(c[1].split()) >= 3 for c in clips)
+    assert str(REGRESSION_EN) in default_regression_audio().split(",")
+
+
+def test_the_gate_transcribes_as_the_project_is_served():
+    from training.pipeline import gate_options
+
+    assert gate_options(["en"]).language == "en" and not gate_options(["en"]).word_timestamps  # forced
+    assert gate_options(["en", "de"]).languages == ("de", "en") and gate_options(["en", "de"]).language is None
+    assert gate_options([]).language is None and gate_options([]).languages is None  # any language, detected

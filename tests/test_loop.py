@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,8 +32,10 @@ pytestmark = pytest.mark.slow
 CONFIG = (labelstudio.Path(__file__).resolve().parents[1] / "label_config.xml").read_text()
 THRESHOLD = 16
 HELDOUT_FRACTION = 0.25
+# the general-speech check runs on the default set (bundled LJ Speech + shared recordings) with a wide margin: an
+# adapter trained on a dozen espeak-ng clips may move a few of its words; the margin's rule is test_gate's
 ENV = {"RETRAIN_MIN_CORRECTIONS": str(THRESHOLD), "HELDOUT_FRACTION": str(HELDOUT_FRACTION),
-       "HELDOUT_MIN_ITEMS": "3", "TRAIN_MAX_ATTEMPTS": "1", "TRAIN_EPOCHS": "5"}
+       "HELDOUT_MIN_ITEMS": "3", "TRAIN_MAX_ATTEMPTS": "1", "TRAIN_EPOCHS": "5", "REGRESSION_MAX_INCREASE": "0.05"}
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +139,7 @@ def test_corrections_reach_threshold_train_promote_and_rescore(loop, ls, engine,
           f"({version.heldout_size} held-out, {version.train_size} train, "
           f"threshold→promoted {job.finished_at - job.created_at:.0f} s, train {version.params['train_seconds']} s)")
     assert version.error_after + s.promote_min_gain <= version.error_before
+    assert re.search(r"general speech [0-9.]+ → [0-9.]+ on 3[0-9] recordings \(within", job.reason), job.reason
     assert version.parent == live_before and version.status == "live"
 
     # the backend hot-swapped without a restart for this project only, and its remaining pool carries the new

@@ -14,6 +14,7 @@ utterances it rests on.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -117,14 +118,18 @@ def decide(comparison: Comparison, settings: Settings, regression: RegressionChe
     return Decision(PROMOTE, f"{held}; {checked}", comparison, regression)
 
 
-def regression_clips(settings: Settings) -> list[tuple[Path, str, str]]:
-    """``(path, text, language)`` of the regression set: ``REGRESSION_AUDIO``'s ``transcripts.json``
-    (``{"file": {"text": ..., "language": ...}}``), or none when it is not set or not there."""
-    root = Path(settings.regression_audio).expanduser() if settings.regression_audio else None
-    if root is None or not (root / "transcripts.json").is_file():
-        return []
+def regression_clips(settings: Settings, languages: Collection[str] | None = None) -> list[tuple[Path, str, str]]:
+    """``(path, text, language)`` of the regression set: each ``REGRESSION_AUDIO`` folder's ``transcripts.json``
+    (``{"file": {"text": ..., "language": ...}}``); none when it is not set or not there. ``languages``: only
+    recordings in those (a project's languages), all when None or empty."""
     clips = []
-    for name, meta in json.loads((root / "transcripts.json").read_text()).items():
-        if isinstance(meta, dict) and isinstance(meta.get("text"), str) and (root / name).is_file():
-            clips.append((root / name, meta["text"], str(meta.get("language") or "en")))
+    for folder in filter(None, (f.strip() for f in settings.regression_audio.split(","))):
+        root = Path(folder).expanduser()
+        if not (root / "transcripts.json").is_file():
+            continue
+        for name, meta in json.loads((root / "transcripts.json").read_text()).items():
+            if isinstance(meta, dict) and isinstance(meta.get("text"), str) and (root / name).is_file():
+                language = str(meta.get("language") or "en")
+                if not languages or language in languages:
+                    clips.append((root / name, meta["text"], language))
     return clips

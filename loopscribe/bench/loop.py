@@ -53,7 +53,7 @@ import requests
 from ml_backend.settings import Settings
 
 from ..demo import ReferenceClip, load, shared_clips
-from ..paths import LABEL_CONFIG, shared_audio_dir
+from ..paths import LABEL_CONFIG, default_regression_audio
 from .synth import TEMPLATES, domain_clips, template_of
 from .uncertainty import hard_variants
 
@@ -147,6 +147,7 @@ def corpus_split(root: Path, seed: int, pool_size: int, heldout_size: int,
 def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls, base_engine,
                  pool: list[ReferenceClip], heldout_examples, media: Path, seed: int = 0) -> Curve:
     from ml_backend.engine import WhisperEngine
+    from ml_backend.label_config import restrict_languages
     from ml_backend.model_store import resolve_base
     from ml_backend.splits import heldout_by_hash
     from ml_backend.transcription import TranscribeOptions
@@ -154,25 +155,31 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
     from training.dataset import Example
     from training.evaluate import evaluate
     from training.lora import LoraArguments, train_lora
-    from training.pipeline import regression_check
+    from training.pipeline import gate_options, regression_check
 
     from .. import labelstudio
 
     started = time.perf_counter()
     truth = {c.path.name: c for c in pool}
     config = LABEL_CONFIG.read_text()
+    if args.languages:  # as `project create --languages`: the backend predicts only those
+        config = restrict_languages(config, args.languages)
+    served = gate_options(args.languages or ())  # how the project's tasks are transcribed, and the gate's too
     project = labelstudio.create_project(ls, f"bench loop {strategy} s{seed} {time.strftime('%H%M%S')}", config)
     curve = Curve(strategy, seed=seed)
     work = Path(tempfile.mkdtemp(prefix="bench-loop-", dir=settings.home))
     rng = random.Random(seed)
     forced = TranscribeOptions(language=args.force_language, word_timestamps=False) if args.force_language else None
+    if forced == served:
+        forced = None  # the project already forces that language: "as served" is "forced"
     try:
         labelstudio.import_audio(ls, settings, project, [c.path for c in pool], media_root=media, progress=False)
         labelstudio.predict_project(ls, settings, project, base_engine, progress=False)  # content-hash cache: fast
-        live_report = evaluate(base_engine, heldout_examples)
+        live_report = evaluate(base_engine, heldout_examples, served)
         live_error, live_engine = live_report.error_rate, None
         curve.wrong_language.append(wrong_language(live_report))
-        forced_first = evaluate(base_engine, heldout_examples, forced).error_rate if forced else None
+        forced_first = (evaluate(base_engine, heldout_examples, forced).error_rate if forced
+                        else live_error if args.force_language else None)
         curve.points.append((0, live_error))
         print(f"  {strategy:8s} seed {seed} round 0: {0:4d} corrections, held-out error {live_error:.3f}"
               + (f" (language forced: {forced_first:.3f})" if forced_first is not None else ""), flush=True)
@@ -208,19 +215,20 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
             candidate = replace(base, version=f"{base.version}-bench-{strategy}-{seed}-{round_}",
                                 adapter=str(result.adapter_dir), base_version=base.version)
             engine = WhisperEngine(settings, resolved=candidate)
-            report = evaluate(engine, heldout_examples)
+            report = evaluate(engine, heldout_examples, served)
             curve.wrong_language.append(wrong_language(report))
-            if forced is not None:  # learning apart from fixing the detected language, whether promoted or not
-                curve.candidates_forced.append(evaluate(engine, heldout_examples, forced).error_rate)
-            general = regression_check(settings, live_engine or base_engine, engine)  # forgetting
+            if forced_first is not None:  # learning apart from fixing the detected language, promoted or not
+                curve.candidates_forced.append(evaluate(engine, heldout_examples, forced).error_rate if forced
+                                               else report.error_rate)
+            general = regression_check(settings, live_engine or base_engine, engine, served)  # forgetting
             if general is not None:
                 curve.general.append((general.live_error, general.candidate_error))
             # the product's gate, on the project's annotated held-out tasks and the regression set
             if len(held) < max(1, settings.heldout_min_items):
                 outcome = "too few held-out"
             else:
-                on_project = gate.compare(evaluate(live_engine or base_engine, held).counts(),
-                                          evaluate(engine, held).counts(), settings.promote_confidence)
+                on_project = gate.compare(evaluate(live_engine or base_engine, held, served).counts(),
+                                          evaluate(engine, held, served).counts(), settings.promote_confidence)
                 outcome = gate.decide(on_project, settings, general).outcome
             independent = gate.decide(gate.compare(live_report.counts(), report.counts(),
                                                    settings.promote_confidence), settings, general).outcome
@@ -243,8 +251,9 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
                 labelstudio.predict_project(ls, settings, project, engine, only_unlabeled=True, progress=False)
             del engine
             gc.collect()
-        if forced is not None and forced_first is not None:
-            final = evaluate(live_engine or base_engine, heldout_examples, forced).error_rate
+        if forced_first is not None:
+            final = (evaluate(live_engine or base_engine, heldout_examples, forced).error_rate if forced
+                     else live_error)
             curve.forced = (forced_first, final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -410,16 +419,20 @@ def bench_loop(args: argparse.Namespace, settings: Settings) -> int:
     from .. import labelstudio, stack
 
     ls = labelstudio.client(settings)
-    if not settings.regression_audio and (shared_audio_dir() / "transcripts.json").is_file():
-        settings = replace(settings, regression_audio=str(shared_audio_dir()))  # the gate's check, as `up` sets it
+    if not settings.regression_audio:
+        settings = replace(settings, regression_audio=default_regression_audio())  # the gate's check, as in `up`
     base_engine = WhisperEngine(settings, install_missing=True)
     media = stack.StackPaths(settings.home).media
     seeds = list(range(args.seed, args.seed + (args.seeds or (3 if args.corpus else 1))))
-    if args.corpus and args.force_language is None:
+    if args.corpus:
         from .corpus import load_corpus
 
-        languages = {lang for _, _, lang in load_corpus(args.corpus)[0]}
-        args.force_language = languages.pop() if len(languages) == 1 else None
+        languages = sorted({lang for _, _, lang in load_corpus(args.corpus)[0]})
+        if args.force_language is None and len(languages) == 1:
+            args.force_language = languages[0]
+        if args.languages is None:  # a project for this corpus lists its languages, as a user's would
+            args.languages = languages
+    args.languages = [c for c in (args.languages or []) if c != "any"]
     curves: list[Curve] = []
     for seed in seeds:
         if args.corpus:
