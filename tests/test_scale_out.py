@@ -113,9 +113,16 @@ def test_a_worker_killed_mid_shard_loses_nothing_when_the_run_is_resumed(cluster
     assert queued.returncode == 0, queued.stdout + queued.stderr
     store = Ledger(s.ledger_url).prediction_runs
     run = store.latest(project).run
+    def held_by_second():
+        return next((x for x in store.list(("running",), run=run) if (x.worker or "").endswith(f":{second}")), None)
+
     deadline, victim = time.monotonic() + 300, None
     while victim is None and time.monotonic() < deadline:
-        victim = next((x for x in store.list(("running",), run=run) if (x.worker or "").endswith(f":{second}")), None)
+        if held_by_second() is not None:
+            os.killpg(second, signal.SIGSTOP)  # frozen, it cannot finish the shard between this look and the kill
+            victim = held_by_second()
+            if victim is None:  # it finished that one just before: let it take another
+                os.killpg(second, signal.SIGCONT)
         time.sleep(0.05)
     assert victim is not None, "the second worker never took a shard"
     os.killpg(second, signal.SIGKILL)  # mid-shard: no chance to report
