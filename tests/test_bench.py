@@ -119,6 +119,11 @@ def test_summary_of_several_seeds(capsys):
     agreement = summary["gate_agreement"]  # one wrong promotion (entropy seed 1), one missed (random seed 1)
     assert (agreement["decisions"], agreement["agree"]) == (8, 6)
     assert (agreement["promoted_but_not_better"], agreement["missed"]) == (1, 1) and "6/8 agree" in out
+    assert agreement["held_out_evidence_alone"]["decisions"] == 0 and "evidence alone" not in out
+    curves[0].evidence = [("inconclusive", "promoted"), ("promoted", "promoted")]
+    alone = summarize(curves, [0, 1], None, "en")["gate_agreement"]["held_out_evidence_alone"]
+    assert (alone["decisions"], alone["agree"], alone["missed"]) == (2, 1, 1)
+    assert "on held-out evidence alone (no general-speech check): 1/2 agree" in capsys.readouterr().out
     assert summary["forced_relative_drop"]["entropy"][0] > summary["forced_relative_drop"]["random"][0]
     assert "last_candidate_forced_relative_drop" not in summary  # no candidate was scored with the language forced
     curves[0].candidates_forced, curves[2].candidates_forced = [0.35, 0.36], [0.3, 0.2]  # vs forced 0.45 and 0.4

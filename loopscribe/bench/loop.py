@@ -70,6 +70,9 @@ class Curve:
     decisions: list[str] = field(default_factory=list)  # the product's gate each round, on the project's held-out
     independent: list[str] = field(default_factory=list)  # the same rule on the large independent held-out set
     gate_items: list[int] = field(default_factory=list)  # annotated held-out tasks the product's gate had
+    # (product's gate, same rule on the large set) on held-out evidence alone, without the general-speech check:
+    # whether the gate's sample is big enough, apart from forgetting
+    evidence: list[tuple[str, str]] = field(default_factory=list)
     forced: tuple[float, float] | None = None  # live model's held-out error with the language forced: first, last
     candidates_forced: list[float] = field(default_factory=list)  # each candidate's, with the language forced
     general: list[tuple[float, float]] = field(default_factory=list)  # regression set (live, candidate) per round
@@ -225,13 +228,15 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
                 curve.general.append((general.live_error, general.candidate_error))
             # the product's gate, on the project's annotated held-out tasks and the regression set
             if len(held) < max(1, settings.heldout_min_items):
-                outcome = "too few held-out"
+                outcome = held_only = "too few held-out"
             else:
                 on_project = gate.compare(evaluate(live_engine or base_engine, held, served).counts(),
                                           evaluate(engine, held, served).counts(), settings.promote_confidence)
                 outcome = gate.decide(on_project, settings, general).outcome
-            independent = gate.decide(gate.compare(live_report.counts(), report.counts(),
-                                                   settings.promote_confidence), settings, general).outcome
+                held_only = gate.decide(on_project, settings).outcome
+            on_large = gate.compare(live_report.counts(), report.counts(), settings.promote_confidence)
+            independent = gate.decide(on_large, settings, general).outcome
+            curve.evidence.append((held_only, gate.decide(on_large, settings).outcome))
             promoted = outcome == gate.PROMOTE
             curve.candidates.append(report.error_rate)
             curve.decisions.append(outcome)
@@ -322,7 +327,12 @@ def gate_agreement(curves: list[Curve]) -> dict:
     takes on the large independent held-out set: promote or not."""
     pairs = [(d, i, n) for c in curves for d, i, n in zip(c.decisions, c.independent, c.gate_items)
              if d != "no training data"]
+    evidence = [pair for c in curves for pair in c.evidence]
     return {
+        "held_out_evidence_alone": {  # the general-speech check left out on both sides
+            "decisions": len(evidence), "agree": sum((d == "promoted") == (i == "promoted") for d, i in evidence),
+            "missed": sum(d != "promoted" and i == "promoted" for d, i in evidence),
+            "promoted_but_not_better": sum(d == "promoted" and i == "rejected" for d, i in evidence)},
         "decisions": len(pairs),
         "agree": sum((d == "promoted") == (i == "promoted") for d, i, _ in pairs),
         "promoted_but_not_better": sum(d == "promoted" and i == "rejected" for d, i, _ in pairs),
@@ -367,6 +377,10 @@ def summarize(curves: list[Curve], seeds: list[int], corpus: Path | None, force_
               f"large held-out set: {agreement['agree']}/{agreement['decisions']} agree; "
               f"{agreement['promoted_but_not_better']} promoted a candidate the large set does not find better, "
               f"{agreement['missed']} missed one it promotes")
+        alone = agreement["held_out_evidence_alone"]
+        if alone["decisions"]:
+            print(f"  on held-out evidence alone (no general-speech check): {alone['agree']}/{alone['decisions']} "
+                  f"agree, {alone['promoted_but_not_better']} promoted but not better, {alone['missed']} missed")
     if {"entropy", "random"} <= means.keys():
         ent, rnd = means["entropy"], means["random"]
         random_final, used = rnd.points[-1][1], rnd.points[-1][0]
