@@ -13,9 +13,10 @@ ground truth, pre-annotated by the base model; then, round after round:
    (``HELDOUT_FRACTION``; ``HELDOUT_AHEAD``/``HELDOUT_AHEAD_TASKS`` of them served first by ``/next``) are not trained
    on: a LoRA adapter is trained on the others (the retraining job's recipe), and the product's
    gate compares it with the live model on the project's annotated held-out tasks and on the
-   general-speech regression set (``REGRESSION_AUDIO``, the shared recordings by default, as
-   ``up`` sets it); it goes live only when the gate promotes it, and for ``entropy`` a promotion re-scores the unlabeled
-   tasks so the next ``/next`` ranks by the new model.
+   general-speech regression set (``REGRESSION_AUDIO``; by default, as in ``up``, the bundled
+   LJ Speech set and the shared recordings); it goes live only when the gate promotes it, and
+   for ``entropy`` a promotion re-scores the unlabeled tasks so the next ``/next`` ranks by the
+   new model.
 
 The curve is the live model's error on a large independent held-out set (clips never in the
 pool); each candidate's own error is kept beside it (``loop.json``), and so is the decision the
@@ -175,14 +176,17 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
     forced = TranscribeOptions(language=args.force_language, word_timestamps=False) if args.force_language else None
     if forced == served:
         forced = None  # the project already forces that language: "as served" is "forced"
+
+    def forced_error(engine, served_report) -> float:
+        """``engine``'s held-out error with the language forced; the served one when serving forces it."""
+        return evaluate(engine, heldout_examples, forced).error_rate if forced else served_report.error_rate
     try:
         labelstudio.import_audio(ls, settings, project, [c.path for c in pool], media_root=media, progress=False)
         labelstudio.predict_project(ls, settings, project, base_engine, progress=False)  # content-hash cache: fast
         live_report = evaluate(base_engine, heldout_examples, served)
         live_error, live_engine = live_report.error_rate, None
         curve.wrong_language.append(wrong_language(live_report))
-        forced_first = (evaluate(base_engine, heldout_examples, forced).error_rate if forced
-                        else live_error if args.force_language else None)
+        forced_first = forced_error(base_engine, live_report) if args.force_language else None
         curve.points.append((0, live_error))
         print(f"  {strategy:8s} seed {seed} round 0: {0:4d} corrections, held-out error {live_error:.3f}"
               + (f" (language forced: {forced_first:.3f})" if forced_first is not None else ""), flush=True)
@@ -221,8 +225,7 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
             report = evaluate(engine, heldout_examples, served)
             curve.wrong_language.append(wrong_language(report))
             if forced_first is not None:  # learning apart from fixing the detected language, promoted or not
-                curve.candidates_forced.append(evaluate(engine, heldout_examples, forced).error_rate if forced
-                                               else report.error_rate)
+                curve.candidates_forced.append(forced_error(engine, report))
             general = regression_check(settings, live_engine or base_engine, engine, served)  # forgetting
             if general is not None:
                 curve.general.append((general.live_error, general.candidate_error))
@@ -257,9 +260,7 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
             del engine
             gc.collect()
         if forced_first is not None:
-            final = (evaluate(live_engine or base_engine, heldout_examples, forced).error_rate if forced
-                     else live_error)
-            curve.forced = (forced_first, final)
+            curve.forced = (forced_first, forced_error(live_engine or base_engine, live_report))
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if not args.keep:
