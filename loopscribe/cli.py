@@ -8,7 +8,7 @@
     loopscribe bench export [--tasks 1000] [--format F]
     loopscribe bench probe [--slow 20] [--burst 20]
     loopscribe bench uncertainty [--vocabulary N] [--json FILE]
-    loopscribe bench loop [--rounds R] [--k K] [--strategy entropy|random]
+    loopscribe bench loop [--rounds R] [--k K] [--strategy entropy|random|diverse]
     loopscribe bench ledger [--database-url URL] [--threads N]
     loopscribe up | down | status [--json]
     loopscribe import --project N [--storage local|upload] PATH...
@@ -563,7 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=8, help="tasks annotated per round")
     p.add_argument("--pool-domain", type=int, default=48, help="pool clips with invented product names")
     p.add_argument("--heldout-domain", type=int, default=18, help="held-out clips with invented product names")
-    p.add_argument("--strategy", action="append", choices=("entropy", "random"), help="default: both")
+    p.add_argument("--strategy", action="append", choices=("entropy", "random", "diverse"),
+                   help="default: entropy and random; diverse: the gate sample, then one clip per cluster of "
+                        "the least confident")
     p.add_argument("--seed", type=int, default=0, help="first seed (random picks, splits, training)")
     p.add_argument("--seeds", type=int, help="seeds to run (default: 3 with --corpus, else 1)")
     p.add_argument("--corpus", type=Path, help="real recordings: transcripts.json (+ speakers.json), see bench corpus")

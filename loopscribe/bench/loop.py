@@ -6,7 +6,8 @@ ground truth, pre-annotated by the base model; then, round after round:
 
 1. ``k`` tasks are chosen: ``entropy`` takes what Label Studio's ``/next`` serves (uncertainty
    sampling over the live model's confidence, the product's ranking); ``random`` draws from
-   the unlabeled tasks with a fixed seed;
+   the unlabeled tasks with a fixed seed; ``diverse`` takes the same gate sample ``/next`` serves
+   first, then one clip per cluster of the least confident (:func:`diverse_picks`);
 2. each is "annotated" with its ground truth through Label Studio's API (as an annotator
    correcting the prediction would);
 3. as in the product, the annotated tasks the hash puts in the held-out split
@@ -58,7 +59,8 @@ from ..paths import LABEL_CONFIG, default_regression_audio
 from .synth import TEMPLATES, domain_clips, template_of
 from .uncertainty import hard_variants
 
-STRATEGIES = ("entropy", "random")
+STRATEGIES = ("entropy", "random")  # the default comparison; "diverse" on request
+DIVERSE_CANDIDATES = 3  # diverse: clusters are drawn from the least confident 3 × k unlabeled tasks
 
 
 @dataclass
@@ -130,6 +132,54 @@ def _next_task(settings: Settings, project: int) -> int | None:
     return int(r.json()["id"])
 
 
+def audio_embeddings(engine, clips: list[ReferenceClip]) -> dict[str, np.ndarray]:
+    """Per clip, the unit-length mean of the base encoder's output over the frames that hold audio:
+    who speaks and how (voice, accent, channel) more than what is said."""
+    import torch
+
+    from ml_backend.decoding import DecodeRequest
+
+    out = {}
+    with torch.inference_mode():
+        for clip in clips:
+            samples = load(clip.path)[: 30 * 16000]
+            encoded = engine.decoder.encode(engine.decoder.features([DecodeRequest(samples=samples)]))[0]
+            frames = max(1, min(encoded.shape[0], round(samples.size / 16000 * 50)))  # 50 encoder frames a second
+            vector = encoded[:frames].float().mean(0).cpu().numpy()
+            out[clip.path.name] = vector / (np.linalg.norm(vector) or 1.0)
+    return out
+
+
+def latest_scores(ls, project: int) -> dict[int, float]:
+    """Each task's serving score under the project's current model version (what ``/next`` ranks by)."""
+    version = ls.projects.get(id=project).model_version
+    return {p.task: float(p.score) for p in ls.predictions.list(project=project)
+            if p.model_version == version and p.task is not None and p.score is not None}
+
+
+def diverse_picks(unlabeled: list[int], scores: dict[int, float], embeddings: dict[int, np.ndarray], k: int,
+                  gate_sample: set[int], seed: int) -> list[int]:
+    """``k`` tasks: the product's gate sample first (what ``/next`` serves ahead of the ranking), then the least
+    confident ``DIVERSE_CANDIDATES`` × the rest, clustered (k-means on :func:`audio_embeddings`), and the least
+    confident task of each cluster, so one round does not spend its k on near-identical clips."""
+    from sklearn.cluster import KMeans
+
+    by_score = sorted(unlabeled, key=lambda t: (scores.get(t, 0.0), t))
+    picks = [t for t in by_score if t in gate_sample][:k]
+    rest = k - len(picks)
+    candidates = [t for t in by_score if t not in gate_sample][: DIVERSE_CANDIDATES * rest]
+    if rest <= 0 or not candidates:
+        return picks
+    if len(candidates) <= rest:
+        return picks + candidates
+    points = np.stack([embeddings[t] for t in candidates])
+    labels = KMeans(n_clusters=rest, n_init=4, random_state=seed).fit_predict(points)
+    firsts: dict[int, int] = {}
+    for task, label in zip(candidates, labels):  # candidates run least confident first
+        firsts.setdefault(int(label), task)
+    return picks + sorted(firsts.values(), key=candidates.index)
+
+
 def corpus_split(root: Path, seed: int, pool_size: int, heldout_size: int,
                  heldout_speakers: float = 0.2) -> tuple[list[ReferenceClip], list[ReferenceClip]]:
     """(pool, held-out) from a corpus folder, speaker-disjoint: a seeded ``heldout_speakers`` share of the
@@ -153,7 +203,7 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
     from ml_backend.engine import WhisperEngine
     from ml_backend.label_config import restrict_languages
     from ml_backend.model_store import resolve_base
-    from ml_backend.splits import heldout_by_hash
+    from ml_backend.splits import ahead_share, heldout_by_hash, split_position
     from ml_backend.transcription import TranscribeOptions
     from training import gate
     from training.dataset import Example
@@ -194,11 +244,22 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
         held: list[Example] = []  # annotated tasks of the project's held-out split: the product's gate sample
         unlabeled = sorted(t.id for t in ls.tasks.list(project=project, fields="task_only"))
         base = resolve_base(settings)
+        if strategy == "diverse":
+            by_name = audio_embeddings(base_engine, pool)
+            embeddings = {t.id: by_name[Path(t.data["source_file"]).name]
+                          for t in ls.tasks.list(project=project, fields="task_only")}
+            ahead = ahead_share(settings.heldout_fraction, settings.heldout_ahead, settings.heldout_ahead_tasks,
+                                len(unlabeled))  # as the backend scores this project's tasks
+            gate_sample = {t for t in unlabeled if split_position(project, t) < ahead}
         for round_ in range(1, args.rounds + 1):
             chosen: list[ReferenceClip] = []
+            planned = (diverse_picks(unlabeled, latest_scores(ls, project), embeddings, args.k, gate_sample, seed)
+                       if strategy == "diverse" else [])
             for _ in range(args.k):
                 if strategy == "entropy":
                     picked = _next_task(settings, project)
+                elif strategy == "diverse":
+                    picked = planned.pop(0) if planned else None
                 else:
                     picked = rng.choice(unlabeled) if unlabeled else None
                 if picked is None:
@@ -255,7 +316,7 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
             print(f"  {strategy:8s} seed {seed} round {round_}: {len(train)} trained + {len(held)} held out, "
                   f"candidate {report.error_rate:.3f}{also} {outcome} (large set: {independent}), live "
                   f"{live_error:.3f} ({picks}{result.steps} steps {result.seconds:.0f} s)", flush=True)
-            if promoted and strategy == "entropy" and round_ < args.rounds:  # re-scored after a promotion only
+            if promoted and strategy != "random" and round_ < args.rounds:  # re-scored after a promotion only
                 labelstudio.predict_project(ls, settings, project, engine, only_unlabeled=True, progress=False)
             del engine
             gc.collect()
@@ -382,18 +443,19 @@ def summarize(curves: list[Curve], seeds: list[int], corpus: Path | None, force_
         if alone["decisions"]:
             print(f"  on held-out evidence alone (no general-speech check): {alone['agree']}/{alone['decisions']} "
                   f"agree, {alone['promoted_but_not_better']} promoted but not better, {alone['missed']} missed")
-    if {"entropy", "random"} <= means.keys():
-        ent, rnd = means["entropy"], means["random"]
+    if "random" in means and means.keys() - {"random"}:
+        rnd = means["random"]
         random_final, used = rnd.points[-1][1], rnd.points[-1][0]
-        needed = ent.corrections_to_reach(random_final)
-        summary |= {"random_final_error": random_final, "entropy_corrections_to_match": needed,
-                    "random_corrections": used}
-        if random_final >= rnd.points[0][1]:
-            print(f"\nlabel saving: not measurable: random's live model never improved on {random_final:.3f}")
-            summary["entropy_corrections_to_match"] = None
-        else:
-            print(f"\nlabel saving: random's mean reaches {random_final:.3f} after {used} corrections; entropy's "
-                  + (f"after {needed:.0f} ({needed / used:.0%} of random's)" if needed is not None else "does not"))
+        summary |= {"random_final_error": random_final, "random_corrections": used}
+        for ranked in [s for s in strategies if s != "random"]:
+            needed = means[ranked].corrections_to_reach(random_final)
+            if random_final >= rnd.points[0][1]:
+                print(f"\nlabel saving: not measurable: random's live model never improved on {random_final:.3f}")
+                needed = None
+            else:
+                print(f"\nlabel saving: random's mean reaches {random_final:.3f} after {used} corrections; {ranked}'s "
+                      + (f"after {needed:.0f} ({needed / used:.0%} of random's)" if needed is not None else "does not"))
+            summary[f"{ranked}_corrections_to_match"] = needed
     for s in strategies:
         runs = [c for c in curves if c.strategy == s]
         drops = [(c.points[0][1] - c.points[-1][1]) / c.points[0][1] for c in runs if c.points[0][1]]
