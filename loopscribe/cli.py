@@ -559,8 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="keep the probe project")
     p.set_defaults(func=cmd_bench)
     p = bench.add_parser("loop", help="held-out WER vs corrections, entropy ranking vs random (needs `up`)")
-    p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--k", type=int, default=8, help="tasks annotated per round")
+    p.add_argument("--rounds", type=int, help="rounds of annotation and retraining (default: 4; 2 with --corpus)")
+    p.add_argument("--k", type=int, help="tasks annotated per round (default: 8; with --corpus 50, the retraining "
+                                         "threshold, so the gate sample served first leaves training data)")
     p.add_argument("--pool-domain", type=int, default=48, help="pool clips with invented product names")
     p.add_argument("--heldout-domain", type=int, default=18, help="held-out clips with invented product names")
     p.add_argument("--strategy", action="append", choices=("entropy", "random", "diverse"),
@@ -569,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="first seed (random picks, splits, training)")
     p.add_argument("--seeds", type=int, help="seeds to run (default: 3 with --corpus, else 1)")
     p.add_argument("--corpus", type=Path, help="real recordings: transcripts.json (+ speakers.json), see bench corpus")
-    p.add_argument("--pool", type=int, default=150, help="--corpus: utterances annotators may pick from")
+    p.add_argument("--pool", type=int, default=200, help="--corpus: utterances annotators may pick from")
     p.add_argument("--heldout", type=int, default=60, help="--corpus: held-out utterances (other speakers)")
     p.add_argument("--force-language", help="also score the live model with this language forced (default: the "
                                             "corpus's language when it has one)")

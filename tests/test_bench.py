@@ -115,6 +115,11 @@ def test_summary_of_several_seeds(capsys):
     out = capsys.readouterr().out
     assert summary["random_final_error"] == 0.4  # entropy crosses 0.4 between 0 (0.45) and 8 (0.375):
     assert summary["entropy_corrections_to_match"] == pytest.approx(16 / 3)
+    paired = summary["paired_difference"]["entropy"]  # same seed: (0.4 − 0.5, 0.35 − 0.4), (0.3 − 0.45, 0.3 − 0.35)
+    assert [n for n, _, _ in paired] == [8, 16]
+    assert paired[0][1][0] == pytest.approx(-0.075) and paired[1][1][0] == pytest.approx(-0.1)
+    assert paired[0][2][0] == pytest.approx((-0.15 - 0.07) / 2)  # candidates: 0.4 − 0.55, 0.35 − 0.42
+    assert "entropy − random on the same seed's pool" in out
     assert "entropy: 4 promoted" in out and "1 inconclusive" in out
     agreement = summary["gate_agreement"]  # one wrong promotion (entropy seed 1), one missed (random seed 1)
     assert (agreement["decisions"], agreement["agree"]) == (8, 6)
