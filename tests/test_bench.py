@@ -151,18 +151,19 @@ def test_diverse_picks_serve_the_gate_sample_then_one_clip_per_cluster():
 
     from loopscribe.bench.loop import diverse_picks
 
-    # tasks 1-2: the gate sample; 10-15 three tight clusters of two (a, b, c); 20: confident, never a candidate
+    # tasks 1-2: the gate sample (ahead-band scores); 10-15 three tight clusters of two (a, b, c);
+    # 20: confident, never a candidate
     directions = {"a": [1.0, 0.0, 0.0], "b": [0.0, 1.0, 0.0], "c": [0.0, 0.0, 1.0]}
     cluster = {10: "a", 11: "a", 12: "b", 13: "b", 14: "c", 15: "c", 1: "a", 2: "b", 20: "c"}
     rng = np.random.default_rng(0)
     embeddings = {t: np.array(directions[c]) + rng.normal(0, 0.01, 3) for t, c in cluster.items()}
     scores = {1: 0.0005, 2: 0.0001, 10: 0.10, 11: 0.11, 12: 0.12, 13: 0.13, 14: 0.14, 15: 0.15, 20: 0.9}
     unlabeled = sorted(scores)
-    picks = diverse_picks(unlabeled, scores, embeddings, 5, {1, 2}, seed=0)
-    assert picks[:2] == [2, 1]  # the gate sample first, as /next serves it
+    picks = diverse_picks(unlabeled, scores, embeddings, 5, seed=0)
+    assert picks[:2] == [2, 1]  # the gate sample (scores in the ahead band) first, as /next serves it
     assert picks[2:] == [10, 12, 14]  # the least confident of each cluster, not 10, 11, 12 (a, a, b)
-    assert diverse_picks(unlabeled, scores, embeddings, 1, {1, 2}, seed=0) == [2]
-    assert diverse_picks([10, 11], scores, embeddings, 5, set(), seed=0) == [10, 11]  # fewer than k left
+    assert diverse_picks(unlabeled, scores, embeddings, 1, seed=0) == [2]
+    assert diverse_picks([10, 11], scores, embeddings, 5, seed=0) == [10, 11]  # fewer than k left
 
 
 @pytest.mark.slow

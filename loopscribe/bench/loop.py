@@ -137,14 +137,16 @@ def audio_embeddings(engine, clips: list[ReferenceClip]) -> dict[str, np.ndarray
     who speaks and how (voice, accent, channel) more than what is said."""
     import torch
 
+    from ml_backend.audio import SAMPLE_RATE, WINDOW_SECONDS
     from ml_backend.decoding import DecodeRequest
 
+    window = int(WINDOW_SECONDS * SAMPLE_RATE)
     out = {}
     with torch.inference_mode():
         for clip in clips:
-            samples = load(clip.path)[: 30 * 16000]
+            samples = load(clip.path)[:window]
             encoded = engine.decoder.encode(engine.decoder.features([DecodeRequest(samples=samples)]))[0]
-            frames = max(1, min(encoded.shape[0], round(samples.size / 16000 * 50)))  # 50 encoder frames a second
+            frames = max(1, round(encoded.shape[0] * samples.size / window))  # the window's frames that hold audio
             vector = encoded[:frames].float().mean(0).cpu().numpy()
             out[clip.path.name] = vector / (np.linalg.norm(vector) or 1.0)
     return out
@@ -158,13 +160,17 @@ def latest_scores(ls, project: int) -> dict[int, float]:
 
 
 def diverse_picks(unlabeled: list[int], scores: dict[int, float], embeddings: dict[int, np.ndarray], k: int,
-                  gate_sample: set[int], seed: int) -> list[int]:
-    """``k`` tasks: the product's gate sample first (what ``/next`` serves ahead of the ranking), then the least
-    confident ``DIVERSE_CANDIDATES`` × the rest, clustered (k-means on :func:`audio_embeddings`), and the least
-    confident task of each cluster, so one round does not spend its k on near-identical clips."""
+                  seed: int) -> list[int]:
+    """``k`` tasks: the product's gate sample first (the tasks whose serving score lies in the band ``/next``
+    serves ahead of the ranking), then the least confident ``DIVERSE_CANDIDATES`` × the rest, clustered (k-means
+    on :func:`audio_embeddings`), and the least confident task of each cluster, so one round does not spend its k
+    on near-identical clips."""
     from sklearn.cluster import KMeans
 
+    from ml_backend.splits import POOL_BAND
+
     by_score = sorted(unlabeled, key=lambda t: (scores.get(t, 0.0), t))
+    gate_sample = {t for t in unlabeled if t in scores and scores[t] < POOL_BAND[0]}
     picks = [t for t in by_score if t in gate_sample][:k]
     rest = k - len(picks)
     candidates = [t for t in by_score if t not in gate_sample][: DIVERSE_CANDIDATES * rest]
@@ -174,10 +180,10 @@ def diverse_picks(unlabeled: list[int], scores: dict[int, float], embeddings: di
         return picks + candidates
     points = np.stack([embeddings[t] for t in candidates])
     labels = KMeans(n_clusters=rest, n_init=4, random_state=seed).fit_predict(points)
-    firsts: dict[int, int] = {}
+    firsts: dict[int, int] = {}  # cluster → its least confident task, in the candidates' order
     for task, label in zip(candidates, labels):  # candidates run least confident first
         firsts.setdefault(int(label), task)
-    return picks + sorted(firsts.values(), key=candidates.index)
+    return picks + list(firsts.values())
 
 
 def corpus_split(root: Path, seed: int, pool_size: int, heldout_size: int,
@@ -203,7 +209,7 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
     from ml_backend.engine import WhisperEngine
     from ml_backend.label_config import restrict_languages
     from ml_backend.model_store import resolve_base
-    from ml_backend.splits import ahead_share, heldout_by_hash, split_position
+    from ml_backend.splits import heldout_by_hash
     from ml_backend.transcription import TranscribeOptions
     from training import gate
     from training.dataset import Example
@@ -242,18 +248,15 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
               + (f" (language forced: {forced_first:.3f})" if forced_first is not None else ""), flush=True)
         train: list[Example] = []
         held: list[Example] = []  # annotated tasks of the project's held-out split: the product's gate sample
-        unlabeled = sorted(t.id for t in ls.tasks.list(project=project, fields="task_only"))
+        tasks = list(ls.tasks.list(project=project, fields="task_only"))
+        unlabeled = sorted(t.id for t in tasks)
         base = resolve_base(settings)
         if strategy == "diverse":
             by_name = audio_embeddings(base_engine, pool)
-            embeddings = {t.id: by_name[Path(t.data["source_file"]).name]
-                          for t in ls.tasks.list(project=project, fields="task_only")}
-            ahead = ahead_share(settings.heldout_fraction, settings.heldout_ahead, settings.heldout_ahead_tasks,
-                                len(unlabeled))  # as the backend scores this project's tasks
-            gate_sample = {t for t in unlabeled if split_position(project, t) < ahead}
+            embeddings = {t.id: by_name[Path(t.data["source_file"]).name] for t in tasks}
         for round_ in range(1, args.rounds + 1):
             chosen: list[ReferenceClip] = []
-            planned = (diverse_picks(unlabeled, latest_scores(ls, project), embeddings, args.k, gate_sample, seed)
+            planned = (diverse_picks(unlabeled, latest_scores(ls, project), embeddings, args.k, seed)
                        if strategy == "diverse" else [])
             for _ in range(args.k):
                 if strategy == "entropy":
@@ -404,7 +407,7 @@ def gate_agreement(curves: list[Curve]) -> dict:
     }
 
 
-def paired_difference(curves: list[Curve], ranked: str) -> list[tuple[int, list[float], list[float] | None]]:
+def paired_difference(curves: list[Curve], ranked: str) -> list[tuple[int, list[float], list[float]]]:
     """Per round, ``ranked`` minus ``random`` on the same seed (same pool, same held-out set): mean and 95 % interval
     of the live models' and the candidates' error. Pairing removes how hard each seed's speakers are, which
     dominates the intervals of the plain means."""
@@ -413,7 +416,7 @@ def paired_difference(curves: list[Curve], ranked: str) -> list[tuple[int, list[
     if not pairs:
         return []
     rounds = min(min(len(a.points), len(b.points)) for a, b in pairs)
-    rows: list[tuple[int, list[float], list[float] | None]] = []
+    rows: list[tuple[int, list[float], list[float]]] = []
     for i in range(1, rounds):
         live = list(mean_interval([a.points[i][1] - b.points[i][1] for a, b in pairs]))
         cand = list(mean_interval([a.candidates[i - 1] - b.candidates[i - 1] for a, b in pairs]))
@@ -464,19 +467,19 @@ def summarize(curves: list[Curve], seeds: list[int], corpus: Path | None, force_
         rnd = means["random"]
         random_final, used = rnd.points[-1][1], rnd.points[-1][0]
         summary |= {"random_final_error": random_final, "random_corrections": used}
+        measurable = random_final < rnd.points[0][1]
+        if not measurable:
+            print(f"\nlabel saving: not measurable: random's live model never improved on {random_final:.3f}")
         for ranked in [s for s in strategies if s != "random"]:
-            needed = means[ranked].corrections_to_reach(random_final)
-            if random_final >= rnd.points[0][1]:
-                print(f"\nlabel saving: not measurable: random's live model never improved on {random_final:.3f}")
-                needed = None
-            else:
+            needed = means[ranked].corrections_to_reach(random_final) if measurable else None
+            if measurable:
                 print(f"\nlabel saving: random's mean reaches {random_final:.3f} after {used} corrections; {ranked}'s "
                       + (f"after {needed:.0f} ({needed / used:.0%} of random's)" if needed is not None else "does not"))
             summary[f"{ranked}_corrections_to_match"] = needed
             summary.setdefault("paired_difference", {})[ranked] = paired_difference(curves, ranked)
             print(f"{ranked} − random on the same seed's pool and held-out set, mean [95 % interval] per round: "
-                  + "; ".join(f"{n}: live {live[0]:+.3f} [{live[1]:+.3f}, {live[2]:+.3f}]"
-                              + (f", candidate {cand[0]:+.3f} [{cand[1]:+.3f}, {cand[2]:+.3f}]" if cand else "")
+                  + "; ".join(f"{n}: live {live[0]:+.3f} [{live[1]:+.3f}, {live[2]:+.3f}], "
+                              f"candidate {cand[0]:+.3f} [{cand[1]:+.3f}, {cand[2]:+.3f}]"
                               for n, live, cand in summary["paired_difference"][ranked]))
     for s in strategies:
         runs = [c for c in curves if c.strategy == s]
