@@ -34,6 +34,13 @@ def _url(value: str) -> str:
     return value.rstrip("/")
 
 
+def _fraction(value: str) -> float:
+    number = float(value)
+    if not 0 < number <= 1:
+        raise ValueError("expected a number above 0 and at most 1")
+    return number
+
+
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(value: str) -> str:
         if value not in allowed:
@@ -144,6 +151,10 @@ class Settings:
     regression_max_increase: float = setting(0.005, "REGRESSION_MAX_INCREASE", "largest rise of the regression "
                                              "set's error rate a candidate may cause (0.005 = half a point)",
                                              group="training")
+    regression_retry_strength: float = setting(0.5, "REGRESSION_RETRY_STRENGTH", "a candidate better on held-out "
+                                               "tasks but over that margin on general speech is tried once more "
+                                               "with its LoRA update scaled by this (0.5: halfway back to the "
+                                               "base; 1: no retry)", parse=_fraction, group="training")
     heldout_fraction: float = setting(0.2, "HELDOUT_FRACTION", "share of annotated tasks frozen into the held-out "
                                       "split (by a hash of project and task id)", group="training")
     heldout_ahead: float = setting(0.05, "HELDOUT_AHEAD", "share of the project's tasks, all held out, that "

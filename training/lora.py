@@ -270,6 +270,28 @@ def train_lora(
                        parameters, trainable, world)
 
 
+def scale_adapter(adapter_dir: Path, out_dir: Path, strength: float) -> Path:
+    """A copy of the peft adapter at ``adapter_dir`` whose update is ``strength`` times the trained one.
+
+    A LoRA layer adds ``B·A`` (times alpha/r) to a frozen weight, so scaling every ``lora_B`` by ``strength``
+    moves the model along the line from the base (0) to the adapter as trained (1). Half strength kept 93 % of
+    an encoder adapter's held-out gain on speechocean762 while giving back general speech (README: training).
+    """
+    from safetensors.torch import load_file, save_file
+
+    if not 0 < strength <= 1:
+        raise ValueError(f"adapter strength must be in (0, 1], not {strength}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    for f in Path(adapter_dir).iterdir():
+        if f.is_file() and f != weights:
+            (out_dir / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(weights))
+    save_file({k: v * strength if ".lora_B." in k else v for k, v in tensors.items()},
+              str(out_dir / weights.name), metadata={"format": "pt"})
+    return out_dir
+
+
 def check_replicas_agree(accelerator, model) -> None:
     """Every process must end with the same adapter (DDP all-reduces the gradients): a replica that drifted, say
     through parameters used outside the wrapped forward, would make the saved adapter one process's guess."""

@@ -15,11 +15,11 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Collection
+from typing import TYPE_CHECKING, Callable, Collection
 
 from ml_backend.errors import LoopscribeError
 from ml_backend.live import live_model
-from ml_backend.model_store import resolve_base
+from ml_backend.model_store import ResolvedModel, resolve_base
 from ml_backend.registry import ModelVersion, Registry
 from ml_backend.settings import Settings
 from ml_backend.splits import HELDOUT
@@ -28,8 +28,11 @@ from ml_backend.transcription import TranscribeOptions, Transcriber
 from . import distributed, gate
 from .dataset import AudioCache, export_annotated, frozen_splits, load_examples
 from .evaluate import EvalReport, evaluate
-from .lora import LoraArguments
-from .metrics import corpus_error_rate
+from .lora import LoraArguments, scale_adapter
+from .metrics import utterance_counts
+
+if TYPE_CHECKING:
+    from ml_backend.engine import WhisperEngine
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +91,76 @@ def regression_check(settings: Settings, live: Transcriber, candidate: Transcrib
         langs.append(language)
     if not clips:
         return None
-    errors = [corpus_error_rate(refs, [t.text for t in model.transcribe(clips, options)], langs)
+    counts = [utterance_counts(refs, [t.text for t in model.transcribe(clips, options)], langs)
               for model in (live, candidate)]
-    return gate.RegressionCheck(len(clips), errors[0], errors[1], settings.regression_max_increase)
+    return gate.RegressionCheck.from_counts(counts[0], counts[1], settings.regression_max_increase)
+
+
+@dataclass
+class Verdict:
+    """The gate's decision on one trained adapter, and the model it was about."""
+
+    decision: gate.Decision
+    candidate: ResolvedModel  # as trained, or its adapter shrunk to ``strength``
+    engine: WhisperEngine
+    before: EvalReport  # the live model on the held-out tasks
+    after: EvalReport  # the candidate on them
+    strength: float = 1.0  # the adapter's update as trained (1) or scaled by REGRESSION_RETRY_STRENGTH
+    full_strength: gate.Decision | None = None  # the decision on the adapter as trained, when it was retried
+
+    @property
+    def retried(self) -> bool:
+        return self.full_strength is not None
+
+
+def _held_out_then_general(settings: Settings, live_engine: Transcriber, engine: Transcriber, before: EvalReport,
+                           heldout: list, options: TranscribeOptions,
+                           on_progress: Callable[..., None]) -> tuple[EvalReport, gate.Decision]:
+    after = evaluate(engine, heldout, options)
+    comparison = gate.compare(before.counts(), after.counts(), settings.promote_confidence)
+    regression = None
+    if gate.decide(comparison, settings).outcome == gate.PROMOTE:  # general speech only matters then
+        on_progress(stage="checking general speech")
+        regression = regression_check(settings, live_engine, engine, options)
+    return after, gate.decide(comparison, settings, regression)
+
+
+def judge(settings: Settings, live_engine: Transcriber, candidate: ResolvedModel, heldout: list,
+          options: TranscribeOptions, work: Path, *, before: EvalReport | None = None,
+          on_progress: Callable[..., None] = lambda **_: None) -> Verdict:
+    """The promotion gate (:mod:`training.gate`) on ``candidate`` against ``live_engine``, on the held-out tasks.
+
+    A candidate rejected *only* for general speech (better on the project, worse on the regression set) gets one
+    more try with its adapter's update scaled by ``REGRESSION_RETRY_STRENGTH``: a shrunk adapter keeps most of
+    what the project taught and gives back part of what it cost elsewhere, so the corrections still serve. The
+    retry passes the whole gate again (held-out tasks and general speech); ``before``: the live model's held-out
+    report when already known.
+    """
+    from ml_backend.engine import WhisperEngine
+
+    if before is None:
+        on_progress(stage="evaluating live model")
+        before = evaluate(live_engine, heldout, options)
+    on_progress(stage="evaluating candidate")
+    engine = WhisperEngine(settings, resolved=candidate)
+    after, decision = _held_out_then_general(settings, live_engine, engine, before, heldout, options, on_progress)
+    strength = settings.regression_retry_strength
+    only_general = (decision.outcome == gate.REJECT and decision.regression is not None
+                    and not decision.regression.passed)
+    if not only_general or strength >= 1 or candidate.adapter is None:
+        return Verdict(decision, candidate, engine, before, after)
+    on_progress(stage=f"trying the adapter at strength {strength:g}")
+    shrunk_dir = scale_adapter(Path(candidate.adapter), work / f"adapter-x{strength:g}", strength)
+    shrunk = replace(candidate, version=f"{candidate.version}-x{strength:g}", adapter=str(shrunk_dir))
+    shrunk_engine = WhisperEngine(settings, resolved=shrunk)
+    shrunk_after, retried = _held_out_then_general(settings, live_engine, shrunk_engine, before, heldout, options,
+                                                   on_progress)
+    log.info("adapter at strength %g: %s (as trained: %s)", strength, retried.outcome, decision.reason)
+    if retried.outcome != gate.PROMOTE:  # the adapter as trained is what gets recorded, with both reasons
+        both = replace(decision, reason=f"{decision.reason}; at strength {strength:g}: {retried.reason}")
+        return Verdict(both, candidate, engine, before, after, full_strength=decision)
+    reason = f"at strength {strength:g} (as trained it was {decision.reason}): {retried.reason}"
+    return Verdict(replace(retried, reason=reason), shrunk, shrunk_engine, before, shrunk_after, strength, decision)
 
 
 def run_training(
@@ -142,35 +212,27 @@ def run_training(
         version = f"{base.version}-lora{serial:03d}-{_adapter_digest(result.adapter_dir)}"
         candidate = replace(base, version=version, adapter=str(result.adapter_dir), base_version=base.version)
 
-        on_progress(stage="evaluating live model")
         options = gate_options(config.language_values)  # as the project is served: its languages only
-        before = evaluate(live_engine, heldout, options)
-        on_progress(stage="evaluating candidate")
-        from ml_backend.engine import WhisperEngine
-
-        candidate_engine = WhisperEngine(settings, resolved=candidate)
-        after = evaluate(candidate_engine, heldout, options)
-
-        comparison = gate.compare(before.counts(), after.counts(), settings.promote_confidence)
-        regression = None
-        if gate.decide(comparison, settings).outcome == gate.PROMOTE:  # general speech only matters then
-            on_progress(stage="checking general speech")
-            regression = regression_check(settings, live_engine, candidate_engine, options)
-        decision = gate.decide(comparison, settings, regression)
-        promote, reason = decision.outcome == gate.PROMOTE, decision.reason
+        verdict = judge(settings, live_engine, candidate, heldout, options, work, on_progress=on_progress)
+        decision, candidate, before, after = verdict.decision, verdict.candidate, verdict.before, verdict.after
+        version, promote, reason = candidate.version, decision.outcome == gate.PROMOTE, decision.reason
+        report = {"decision": reason, "outcome": decision.outcome, "gate": decision.to_dict(),
+                  "before": before.to_dict(), "after": after.to_dict(), "audio_failed": failed}
+        if verdict.full_strength is not None:
+            report["full_strength"] = verdict.full_strength.to_dict()
 
         info = ModelVersion(
             version=version, base_version=base.version, base_model=base.path, parent=live.registry_version,
             project=project, created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             train_size=len(train), heldout_size=len(heldout),
             error_before=before.error_rate, error_after=after.error_rate,
-            params=args.to_dict() | {"steps": result.steps, "final_loss": result.final_loss,
+            params=args.to_dict() | {"strength": verdict.strength, "steps": result.steps,
+                                     "final_loss": result.final_loss,
                                      "train_seconds": round(result.seconds, 1), "device": result.device,
                                      "peak_memory_mb": result.peak_memory_mb},
-            report={"decision": reason, "outcome": decision.outcome, "gate": decision.to_dict(),
-                    "before": before.to_dict(), "after": after.to_dict(), "audio_failed": failed},
+            report=report,
         )
-        registry.add(info, result.adapter_dir)
+        registry.add(info, Path(candidate.adapter or result.adapter_dir))
         if promote:  # into this project's lineage only: no other project's model changes
             registry.promote(version, base.version)
         else:

@@ -81,6 +81,9 @@ class Curve:
     general: list[tuple[float, float]] = field(default_factory=list)  # regression set (live, candidate) per round
     wrong_language: list[int] = field(default_factory=list)  # held-out utterances heard in another language:
     # the base model, then each round's candidate
+    strengths: list[float] = field(default_factory=list)  # each candidate's adapter strength: 1 as trained, less
+    # when the gate shrank it for general speech (REGRESSION_RETRY_STRENGTH)
+    retried: list[bool] = field(default_factory=list)  # whether the gate tried the adapter shrunk, each round
 
     def corrections_to_reach(self, target: float) -> float | None:
         """Corrections at which the curve first reaches ``target`` (linear between rounds); None if never."""
@@ -215,7 +218,7 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
     from training.dataset import Example
     from training.evaluate import evaluate
     from training.lora import LoraArguments, train_lora
-    from training.pipeline import gate_options, regression_check
+    from training.pipeline import gate_options, judge, regression_check
 
     from .. import labelstudio
 
@@ -285,22 +288,28 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
             result = train_lora(base.path, train, args_, work / f"{round_}", progress=False)
             candidate = replace(base, version=f"{base.version}-bench-{strategy}-{seed}-{round_}",
                                 adapter=str(result.adapter_dir), base_version=base.version)
-            engine = WhisperEngine(settings, resolved=candidate)
+            # the product's gate, on the project's annotated held-out tasks and the regression set; the large
+            # held-out set then measures the model it ended with (the adapter as trained, or shrunk)
+            general = None
+            if len(held) < max(1, settings.heldout_min_items):
+                outcome = held_only = "too few held-out"
+                engine, strength = WhisperEngine(settings, resolved=candidate), 1.0
+                curve.retried.append(False)
+            else:
+                verdict = judge(settings, live_engine or base_engine, candidate, held, served, work / f"{round_}-gate")
+                engine, strength, general = verdict.engine, verdict.strength, verdict.decision.regression
+                outcome = verdict.decision.outcome
+                held_only = gate.decide(verdict.decision.comparison, settings).outcome
+                curve.retried.append(verdict.retried)
+            curve.strengths.append(strength)
             report = evaluate(engine, heldout_examples, served)
             curve.wrong_language.append(wrong_language(report))
             if forced_first is not None:  # learning apart from fixing the detected language, promoted or not
                 curve.candidates_forced.append(forced_error(engine, report))
-            general = regression_check(settings, live_engine or base_engine, engine, served)  # forgetting
+            if general is None:  # forgetting, measured for every candidate
+                general = regression_check(settings, live_engine or base_engine, engine, served)
             if general is not None:
                 curve.general.append((general.live_error, general.candidate_error))
-            # the product's gate, on the project's annotated held-out tasks and the regression set
-            if len(held) < max(1, settings.heldout_min_items):
-                outcome = held_only = "too few held-out"
-            else:
-                on_project = gate.compare(evaluate(live_engine or base_engine, held, served).counts(),
-                                          evaluate(engine, held, served).counts(), settings.promote_confidence)
-                outcome = gate.decide(on_project, settings, general).outcome
-                held_only = gate.decide(on_project, settings).outcome
             on_large = gate.compare(live_report.counts(), report.counts(), settings.promote_confidence)
             independent = gate.decide(on_large, settings, general).outcome
             curve.evidence.append((held_only, gate.decide(on_large, settings).outcome))
@@ -314,8 +323,10 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
             curve.points.append((len(train) + len(held), live_error))
             vocab_share = sum(c.path.name.startswith("domain_") for c in chosen)
             picks = "" if args.corpus else f"{vocab_share}/{len(chosen)} picks had invented names; "
-            also = (f"; language forced {curve.candidates_forced[-1]:.3f}" if forced is not None else "") + (
-                f"; general speech {general.live_error:.3f} → {general.candidate_error:.3f}" if general else "")
+            also = ((f" at strength {strength:g}" if strength < 1 else "")
+                    + (f"; language forced {curve.candidates_forced[-1]:.3f}" if forced is not None else "")
+                    + (f"; general speech {general.live_error:.3f} → {general.candidate_error:.3f}" if general
+                       else ""))
             print(f"  {strategy:8s} seed {seed} round {round_}: {len(train)} trained + {len(held)} held out, "
                   f"candidate {report.error_rate:.3f}{also} {outcome} (large set: {independent}), live "
                   f"{live_error:.3f} ({picks}{result.steps} steps {result.seconds:.0f} s)", flush=True)
@@ -450,6 +461,10 @@ def summarize(curves: list[Curve], seeds: list[int], corpus: Path | None, force_
     outcomes = {s: [d for c in curves if c.strategy == s for d in c.decisions] for s in strategies}
     print("gate outcomes: " + "; ".join(f"{s}: " + ", ".join(f"{n} {o}" for o, n in Counter(outcomes[s]).items())
                                         for s in strategies))
+    retried = sum(sum(c.retried) for c in curves)
+    if retried:
+        print(f"the gate tried {retried} of {sum(len(c.retried) for c in curves)} candidates shrunk for general "
+              f"speech (REGRESSION_RETRY_STRENGTH); {sum(st < 1 for c in curves for st in c.strengths)} went live")
     summary: dict = {"seeds": seeds, "corpus": str(corpus) if corpus else None,
                      "curves": [asdict(c) for c in curves], "mean": {s: asdict(c) for s, c in means.items()},
                      "gate_agreement": gate_agreement(curves)}
