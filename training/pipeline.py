@@ -126,21 +126,18 @@ def _held_out_then_general(settings: Settings, live_engine: Transcriber, engine:
 
 
 def judge(settings: Settings, live_engine: Transcriber, candidate: ResolvedModel, heldout: list,
-          options: TranscribeOptions, work: Path, *, before: EvalReport | None = None,
-          on_progress: Callable[..., None] = lambda **_: None) -> Verdict:
+          options: TranscribeOptions, work: Path, *, on_progress: Callable[..., None] = lambda **_: None) -> Verdict:
     """The promotion gate (:mod:`training.gate`) on ``candidate`` against ``live_engine``, on the held-out tasks.
 
     A candidate rejected *only* for general speech (better on the project, worse on the regression set) gets one
     more try with its adapter's update scaled by ``REGRESSION_RETRY_STRENGTH``: a shrunk adapter keeps most of
     what the project taught and gives back part of what it cost elsewhere, so the corrections still serve. The
-    retry passes the whole gate again (held-out tasks and general speech); ``before``: the live model's held-out
-    report when already known.
+    retry passes the whole gate again (held-out tasks and general speech).
     """
     from ml_backend.engine import WhisperEngine
 
-    if before is None:
-        on_progress(stage="evaluating live model")
-        before = evaluate(live_engine, heldout, options)
+    on_progress(stage="evaluating live model")
+    before = evaluate(live_engine, heldout, options)
     on_progress(stage="evaluating candidate")
     engine = WhisperEngine(settings, resolved=candidate)
     after, decision = _held_out_then_general(settings, live_engine, engine, before, heldout, options, on_progress)
