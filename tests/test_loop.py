@@ -139,7 +139,8 @@ def test_corrections_reach_threshold_train_promote_and_rescore(loop, ls, engine,
           f"({version.heldout_size} held-out, {version.train_size} train, "
           f"threshold→promoted {job.finished_at - job.created_at:.0f} s, train {version.params['train_seconds']} s)")
     assert version.error_after + s.promote_min_gain <= version.error_before
-    assert re.search(r"general speech [0-9.]+ → [0-9.]+ on 3[0-9] recordings \(within", job.reason), job.reason
+    assert re.search(r"general speech [0-9.]+ → [0-9.]+ on 3[0-9] recordings, rise [-+][0-9.]+ in "
+                     r"\[[-+][0-9.]+, [-+][0-9.]+\] at 90 % \(within", job.reason), job.reason
     assert version.parent == live_before and version.status == "live"
 
     # the backend hot-swapped without a restart for this project only, and its remaining pool carries the new
