@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -281,14 +282,11 @@ def scale_adapter(adapter_dir: Path, out_dir: Path, strength: float) -> Path:
 
     if not 0 < strength <= 1:
         raise ValueError(f"adapter strength must be in (0, 1], not {strength}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights = Path(adapter_dir) / "adapter_model.safetensors"
-    for f in Path(adapter_dir).iterdir():
-        if f.is_file() and f != weights:
-            (out_dir / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(adapter_dir, out_dir, dirs_exist_ok=True)  # config and all; the weights are rewritten below
+    weights = out_dir / "adapter_model.safetensors"
     tensors = load_file(str(weights))
-    save_file({k: v * strength if ".lora_B." in k else v for k, v in tensors.items()},
-              str(out_dir / weights.name), metadata={"format": "pt"})
+    save_file({k: v * strength if ".lora_B." in k else v for k, v in tensors.items()}, str(weights),
+              metadata={"format": "pt"})
     return out_dir
 
 
