@@ -627,6 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="default TRAIN_BATCH_SIZE")
     p.add_argument("--examples", type=int, help="utterances per epoch (default 4 batches)")
     p.add_argument("--encoder", action="store_true", help="adapt the encoder too (every step runs the whole model)")
+    p.add_argument("--encoder-layers", type=int, action="append", metavar="N", help="adapt the encoder's top N "
+                   "layers (0: all), the frozen ones below cached (repeatable: one row each; implies --encoder)")
     p.add_argument("--processes", type=int, action="append", help="data-parallel training processes under "
                    "`accelerate launch` (repeatable: one row each; default 1)")
     p.add_argument("--clips", type=Path, help="folder of clips with a transcripts.json (default: shared/audio "

@@ -166,7 +166,9 @@ def test_an_adapter_beside_the_shared_base_decodes_as_its_merged_model(settings,
     settings = replace(settings, dtype="float32")  # the same sums in another order: bf16 would round apart
     base = resolve_base(settings)
     with quiet_peft():
-        peft_model = get_peft_model(load_whisper(base.path).model, lora_config(LoraArguments.from_settings(settings)))
+        whisper = load_whisper(base.path).model
+        peft_model = get_peft_model(whisper, lora_config(LoraArguments.from_settings(settings),
+                                                         whisper.config.encoder_layers))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from dataclasses import replace
 
@@ -162,3 +163,81 @@ def test_replicas_that_ended_with_different_adapters_are_an_error():
     check_replicas_agree(Gather(0.0), model)
     with pytest.raises(RuntimeError, match="different adapters"):
         check_replicas_agree(Gather(1e-3), model)
+
+
+@pytest.fixture(scope="module")
+def base_whisper(settings):
+    from ml_backend.model_store import resolve_base
+    from ml_backend.whisper import load_whisper
+
+    base = resolve_base(settings, "base")
+    return base.path, load_whisper(base.path).model.eval()
+
+
+def test_the_encoder_resumed_from_a_cached_layer_input_is_the_encoder(base_whisper):
+    """The top-layers recipe caches the input of the first adapted encoder layer and runs only the layers above it:
+    resumed from any layer, that must be exactly the encoder's own output."""
+    import torch
+
+    from training.lora import encoder_layer_input, run_encoder_layers
+
+    _, model = base_whisper
+    encoder = model.model.encoder
+    features = torch.randn(2, model.config.num_mel_bins, 2 * model.config.max_source_positions,
+                           generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = encoder(features).last_hidden_state
+        for start in (0, 4, len(encoder.layers) - 1):
+            resumed = run_encoder_layers(encoder, encoder_layer_input(encoder, features, start), start)
+            assert torch.allclose(resumed, whole, atol=1e-5), start
+        assert torch.equal(encoder_layer_input(encoder, features, len(encoder.layers)), whole)
+
+
+@pytest.mark.parametrize(("encoder", "top", "expected"), [(False, 0, set()), (True, 0, {0, 1, 2, 3, 4, 5}),
+                                                           (True, 2, {4, 5}), (True, 9, {0, 1, 2, 3, 4, 5})])
+def test_lora_adapts_the_decoder_and_the_chosen_encoder_layers(settings, encoder, top, expected):
+    from training.lora import adapted_encoder_layers, lora_config
+
+    args = replace(LoraArguments.from_settings(settings), encoder=encoder, encoder_layers=top)
+    assert set(adapted_encoder_layers(args, 6)) == expected
+    pattern = lora_config(args, 6).target_modules
+    names = [f"model.encoder.layers.{i}.self_attn.{m}" for i in range(6) for m in ("q_proj", "k_proj", "v_proj")]
+    names += ["model.decoder.layers.0.self_attn.q_proj", "model.decoder.layers.5.encoder_attn.v_proj"]
+    matched = {n for n in names if re.fullmatch(pattern, n)}
+    assert {n for n in matched if ".decoder." in n} == set(names[-2:])
+    assert {int(n.split(".")[3]) for n in matched if ".encoder." in n} == expected
+    assert not any(n.endswith("k_proj") for n in matched)
+    with pytest.raises(ValueError, match="encoder_layers"):
+        adapted_encoder_layers(replace(args, encoder=True, encoder_layers=-1), 6)
+
+
+def test_training_the_top_encoder_layers_changes_only_those_and_the_decoder(settings, tmp_path, clip, transcripts,
+                                                                            base_whisper):
+    """One real step with LORA_ENCODER_LAYERS=2 on the bundled base: the saved adapter has updates (LoRA B leaves
+    zero) in encoder layers 4 and 5 and in the decoder, and none anywhere else."""
+    from safetensors.torch import load_file
+
+    from training.lora import train_lora
+
+    path, _ = base_whisper
+    names = ["jfk_en.flac", "one_two_three_en.wav"]
+    examples = [Example(task=i, audio=clip(n)[: 30 * 16000], text=transcripts[n]["text"],
+                        language=transcripts[n]["language"]) for i, n in enumerate(names)]
+    args = LoraArguments.from_settings(settings, epochs=1, batch_size=2, device="cpu", encoder=True,
+                                       encoder_layers=2)
+    result = train_lora(path, examples, args, tmp_path / "adapter", progress=False)
+    assert result.steps == 1 and result.final_loss > 0
+    updated = {k for k, v in load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")).items()
+               if ".lora_B." in k and v.abs().sum() > 0}
+    encoder_layers = {int(k.split("encoder.layers.")[1].split(".")[0]) for k in updated if ".encoder.layers." in k}
+    assert encoder_layers == {4, 5} and any(".decoder." in k for k in updated)
+
+
+def test_the_encoder_layer_count_is_checked_when_read():
+    from ml_backend.errors import ConfigurationError
+    from ml_backend.settings import Settings
+
+    for bad in ("-1", "three"):
+        with pytest.raises(ConfigurationError, match="LORA_ENCODER_LAYERS"):
+            Settings.from_env({"LORA_ENCODER_LAYERS": bad})
+    assert Settings.from_env({"LORA_ENCODER_LAYERS": "3"}).lora_encoder_layers == 3

@@ -6,10 +6,13 @@ engine decodes with timestamps), half with ``<|notimestamps|>``, so neither mode
 forgotten. The annotated language token is part of the target, which also teaches the
 language head.
 
-With ``encoder=False`` (the default) only the decoder gets adapters. The encoder is then
-frozen and deterministic, so its output is computed once per utterance and reused in every
-epoch: 5-10x faster on CPU, and spelling of names and jargon (what corrections mostly fix)
-lives in the decoder. ``encoder=True`` adapts acoustics too (accents, noise), at full cost.
+With ``encoder=False`` only the decoder gets adapters. The encoder is then frozen and
+deterministic, so its output is computed once per utterance and reused in every epoch: 5-10x
+faster on CPU, and spelling of names and jargon (what corrections mostly fix) lives in the
+decoder. ``encoder=True`` (the product's default, ``LORA_ENCODER``) adapts acoustics too
+(accents, noise). With ``encoder_layers=N`` only the top N encoder layers get adapters; the
+layers below stay frozen, so their output is cached the same way and each step runs (forward
+and backward) only the top of the encoder.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class LoraArguments:
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     encoder: bool = False
+    encoder_layers: int = 0  # with encoder: adapt only the top N encoder layers, cache the rest; 0: all
     epochs: int = 5
     learning_rate: float = 1e-3
     batch_size: int = 8
@@ -68,6 +72,7 @@ class LoraArguments:
     def from_settings(cls, settings: Settings, **overrides) -> LoraArguments:
         args = cls(r=settings.lora_r, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
                    target_modules=settings.lora_target_modules, encoder=settings.lora_encoder,
+                   encoder_layers=settings.lora_encoder_layers,
                    epochs=settings.train_epochs, learning_rate=settings.train_learning_rate,
                    batch_size=settings.train_batch_size, device=settings.device, dtype=settings.dtype)
         return replace(args, **{k: v for k, v in overrides.items() if v is not None})
@@ -129,14 +134,62 @@ def device_and_precision(device_setting: str = "auto", dtype_setting: str = "aut
     return device.type, precision
 
 
-def lora_config(args: LoraArguments):
-    """peft's ``LoraConfig`` for ``args``: the target modules in the decoder only, or everywhere with ``encoder``."""
+def adapted_encoder_layers(args: LoraArguments, depth: int) -> range:
+    """Which of the ``depth`` encoder layers get adapters: none, the top ``encoder_layers``, or all of them."""
+    if not args.encoder:
+        return range(depth, depth)
+    if args.encoder_layers < 0:
+        raise ValueError(f"encoder_layers must be 0 (all) or a number of top layers, not {args.encoder_layers}")
+    return range(max(0, depth - args.encoder_layers) if args.encoder_layers else 0, depth)
+
+
+def lora_config(args: LoraArguments, encoder_depth: int):
+    """peft's ``LoraConfig`` for ``args``: the target modules in the decoder and in the adapted encoder layers
+    (:func:`adapted_encoder_layers` of a Whisper whose encoder has ``encoder_depth`` layers)."""
     from peft import LoraConfig
 
     modules = "|".join(args.target_modules)
-    scope = r".*" if args.encoder else r".*decoder.*"
+    layers = adapted_encoder_layers(args, encoder_depth)
+    if len(layers) == encoder_depth:
+        scope = r".*"
+    elif layers:
+        scope = rf"(.*decoder.*|.*encoder\.layers\.({'|'.join(map(str, layers))})\..*)"
+    else:
+        scope = r".*decoder.*"
     return LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
                       target_modules=rf"{scope}\.({modules})$", bias="none")
+
+
+def run_encoder_layers(encoder, hidden: torch.Tensor, start: int) -> torch.Tensor:
+    """Whisper's encoder from the input of layer ``start`` on: the layers from there, then the final norm
+    (what ``WhisperEncoder.forward`` does after its convolutions; layer drop is 0 in Whisper's configs)."""
+    for layer in encoder.layers[start:]:
+        out = layer(hidden, None)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return encoder.layer_norm(hidden)
+
+
+def encoder_layer_input(encoder, features: torch.Tensor, start: int) -> torch.Tensor:
+    """The input of encoder layer ``start`` for these mel ``features`` (``start`` = depth: the encoder's output)."""
+    if start >= len(encoder.layers):
+        return encoder(features).last_hidden_state
+    captured: list[torch.Tensor] = []
+
+    class _Enough(Exception):
+        """Stops the encoder once the input of layer ``start`` is captured: the layers above it are not needed."""
+
+    def capture(module, positional, keywords):
+        captured.append(positional[0] if positional else keywords["hidden_states"])
+        raise _Enough
+
+    handle = encoder.layers[start].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        encoder(features)
+    except _Enough:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
 
 
 def train_lora(
@@ -172,7 +225,7 @@ def train_lora(
     model.config.use_cache = False
 
     with quiet_peft():
-        model = get_peft_model(model, lora_config(args))
+        model = get_peft_model(model, lora_config(args, model.config.encoder_layers))
     if device == "cuda":
         avoid_cudnn_attention()  # variable-length batches: a cuDNN plan per shape made epoch 1 2.9x slower
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -180,9 +233,11 @@ def train_lora(
             model.enable_input_require_grads()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     parameters = sum(p.numel() for p in model.parameters())
+    adapted = adapted_encoder_layers(args, model.config.encoder_layers)
+    scope = ("decoder" if not adapted else "encoder+decoder" if adapted.start == 0
+             else f"decoder + encoder layers {adapted.start}-{adapted.stop - 1}")
     log.info("LoRA r=%d alpha=%d on %s (%s): %.2f M trainable parameters, %d examples",
-             args.r, args.alpha, "|".join(args.target_modules), "encoder+decoder" if args.encoder else "decoder",
-             trainable / 1e6, len(examples))
+             args.r, args.alpha, "|".join(args.target_modules), scope, trainable / 1e6, len(examples))
 
     sequences = [target_tokens(tokenizer, special, ex, timestamps=(ex.task % 2 == 0)) for ex in examples]
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)
@@ -197,22 +252,32 @@ def train_lora(
         return features([examples[i].audio for i in batch], sampling_rate=SAMPLE_RATE,
                         return_tensors="pt").input_features.to(accelerator.device)
 
+    # Everything below the first adapted encoder layer is frozen and deterministic: computed once per utterance
+    # (the input of that layer, or the encoder's output when only the decoder is adapted) and cached.
+    encoder = whisper.model.encoder
+    frozen_below = adapted.start if adapted else len(encoder.layers)
     encoder_cache: dict[int, torch.Tensor] = {}
     hidden = whisper.config.d_model * whisper.config.max_source_positions * 4
-    cache_encoder = not args.encoder and hidden * len(examples) <= ENCODER_CACHE_BYTES
+    cache_encoder = frozen_below > 0 and hidden * len(examples) <= ENCODER_CACHE_BYTES
 
-    def encode(batch: list[int]) -> torch.Tensor:
-        if args.encoder:
-            return whisper.model.encoder(mel(batch)).last_hidden_state
+    def frozen_part(batch: list[int]) -> torch.Tensor:
         missing = [i for i in batch if i not in encoder_cache]
         if missing:
             with torch.no_grad(), accelerator.autocast():
-                out = whisper.model.encoder(mel(missing)).last_hidden_state
+                out = encoder_layer_input(encoder, mel(missing), frozen_below)
             if not cache_encoder:
                 fresh = dict(zip(missing, out))
                 return torch.stack([fresh[i] for i in batch])
             encoder_cache.update({i: h for i, h in zip(missing, out)})
         return torch.stack([encoder_cache[i] for i in batch])
+
+    def encode(batch: list[int]) -> torch.Tensor:
+        if frozen_below == 0:
+            return encoder(mel(batch)).last_hidden_state
+        if frozen_below == len(encoder.layers):
+            return frozen_part(batch)
+        with accelerator.autocast():
+            return run_encoder_layers(encoder, frozen_part(batch), frozen_below)
 
     def decoder_batch(batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         longest = max(len(sequences[i]) for i in batch)

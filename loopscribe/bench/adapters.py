@@ -74,7 +74,9 @@ def make_adapters(settings: Settings, count: int, out: Path, scale: float = 1e-3
 
     base = resolve_base(settings, install_missing=True)
     with quiet_peft():
-        model = get_peft_model(load_whisper(base.path).model, lora_config(LoraArguments.from_settings(settings)))
+        whisper = load_whisper(base.path).model
+        config = lora_config(LoraArguments.from_settings(settings), whisper.config.encoder_layers)
+        model = get_peft_model(whisper, config)
     generator = torch.Generator().manual_seed(0)
     paths = []
     for i in range(count):

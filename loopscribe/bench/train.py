@@ -10,7 +10,9 @@ model (they do not depend on the weight values), the loss is meaningless.
 
 Two step times are reported. In the default decoder-only mode the frozen encoder runs
 once per utterance, in the first epoch, and its output is reused, so the first epoch's
-steps cost more than later ones; with ``--encoder`` every step runs the whole model.
+steps cost more than later ones; with ``--encoder`` every step runs the whole model, and with
+``--encoder-layers N`` (repeatable: a row each, 0 = all) the top N encoder layers, the frozen
+ones below them being cached like the encoder in decoder-only mode.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class TrainBenchRow:
     peak_memory_mb: float
     final_loss: float
     processes: int = 1
+    encoder_layers: int = 0  # with encoder: the top N adapted, 0 = all
 
 
 def shape_dimensions(shape: str, vocab_size: int = 51865) -> dict[str, int]:
@@ -121,13 +124,15 @@ def _peak_rss_mb(children: bool = False) -> float:
 
 
 def bench_one(model_path: str, label: str, args: argparse.Namespace, settings: Settings, examples,
-              processes: int = 1) -> TrainBenchRow:
+              processes: int = 1, encoder_layers: int | None = None) -> TrainBenchRow:
     """Train ``args.steps`` steps (rounded up to whole epochs) on ``processes`` processes and time each one."""
     from training import distributed
     from training.lora import LoraArguments
 
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)
-    lora = LoraArguments.from_settings(settings, batch_size=args.batch_size, encoder=args.encoder,
+    encoder = args.encoder or encoder_layers is not None
+    lora = LoraArguments.from_settings(settings, batch_size=args.batch_size, encoder=encoder,
+                                       encoder_layers=encoder_layers or 0,
                                        epochs=max(1, math.ceil(args.steps / steps_per_epoch)))
     stamps: list[float] = []
     with tempfile.TemporaryDirectory(prefix="bench-train-") as out:
@@ -137,11 +142,12 @@ def bench_one(model_path: str, label: str, args: argparse.Namespace, settings: S
     durations = np.diff(stamps)  # step 1 also pays for loading the model: time from its end
     first_epoch, later = durations[: steps_per_epoch - 1], durations[steps_per_epoch - 1 :]
     return TrainBenchRow(
-        model=label,
+        model=label if not encoder_layers else f"{label}, top {encoder_layers} enc layers",
         parameters_m=(result.parameters - result.trainable_parameters) / 1e6,
         trainable_m=result.trainable_parameters / 1e6,
         device=torch.cuda.get_device_name() if result.device.startswith("cuda") else "cpu",
-        encoder=args.encoder,
+        encoder=encoder,
+        encoder_layers=encoder_layers or 0,
         batch_size=args.batch_size,
         steps=result.steps,
         first_epoch_s_per_step=float(np.mean(first_epoch)) if first_epoch.size else float("nan"),
@@ -166,7 +172,8 @@ def bench_train(args: argparse.Namespace, settings: Settings) -> int:
     args.batch_size = args.batch_size or settings.train_batch_size
     examples = _examples(args, settings, args.examples or 4 * args.batch_size)
     cuda = torch.cuda.is_available()
-    mode = "encoder+decoder LoRA" if args.encoder else "decoder-only LoRA (encoder cached)"
+    mode = ("encoder+decoder LoRA" if args.encoder or args.encoder_layers else
+            "decoder-only LoRA (encoder cached)")
     print(f"{len(examples)} utterances, {sum(e.duration for e in examples):.0f} s of audio; {mode}; device "
           f"{torch.cuda.get_device_name() if cuda else 'cpu'}, batch {args.batch_size}, {args.steps} steps",
           flush=True)
@@ -184,8 +191,9 @@ def bench_train(args: argparse.Namespace, settings: Settings) -> int:
             if cuda:
                 torch.cuda.empty_cache()
             for processes in args.processes or [1]:
-                rows.append(bench_one(path, label, args, settings, examples, processes))
-                print(_fmt(rows[-1], rows[0]), flush=True)
+                for top in args.encoder_layers or [None]:
+                    rows.append(bench_one(path, label, args, settings, examples, processes, top))
+                    print(_fmt(rows[-1], rows[0]), flush=True)
     print(f"\n{'model':34s} {'M par':>7s} {'batch':>5s} {'steps':>5s} {'ep1 s/step':>10s} {'later':>8s} "
           f"{'vs 1st':>7s} {'peak MB':>9s} {'loss':>6s}")
     for row in rows:
