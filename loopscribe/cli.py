@@ -544,8 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer-batch", type=int, default=64, help="with --shape: transformers generate batch size")
     p.add_argument("--compile-peer", action="store_true", help="with --shape: add the static-cache + "
                    "torch.compile peer (compiles for minutes)")
-    p.add_argument("--attention", action="append", choices=["sdpa", "matmul"], help="with --shape: also a row "
-                   "with this attention in the decoder step (serving uses sdpa)")
+    p.add_argument("--attention", action="append", choices=["sdpa", "matmul", "reduce"],
+                   help="with --shape: also a row with this attention in the decoder step (serving uses sdpa)")
     p.add_argument("--json", type=Path, help="also write the table as JSON here")
     p.set_defaults(func=cmd_bench)
     p = bench.add_parser("backend", help="/predict latency and bulk pre-annotation throughput (needs `up`)")

@@ -25,9 +25,11 @@ import torch.nn.functional as F
 
 MAX_PROMPT = 4  # <|startoftranscript|> <|lang|> <|task|> <|notimestamps|>
 POSITION_BUCKET = 32  # graphs are captured per attention length rounded up to this
-# `sdpa` serves (measured on an H200: flash attention, 0.91 ms per large-v3 cross-attention layer at 256 slots,
-# 78 % of the step); `matmul` is the decode-shaped alternative for `bench engine --shape --attention matmul`
-ATTENTION = ("sdpa", "matmul")
+# `sdpa` serves. On an H200 (large-v3, 256 slots) the cross-attention takes 0.91 ms a layer with either `sdpa`
+# (flash) or `matmul` (a GEMM for the scores, a GEMV for the sum): both are far from reading 98 MB of keys and
+# values at the card's bandwidth. `reduce` (elementwise products and sums, no padded tiles) is the next candidate,
+# not yet timed on a GPU: `bench engine --shape large-v3 --attention matmul --attention reduce` compares all three
+ATTENTION = ("sdpa", "matmul", "reduce")
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,45 @@ class StepRules:
     begin_suppress: tuple[int, ...]
     language_ids: tuple[int, ...]  # empty on English-only models
     max_tokens: int  # sampled tokens per window (Whisper: n_text_ctx // 2)
+
+
+def half_scores_in_fp32(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.bmm(..., out_dtype=torch.float32)`` runs here for ``dtype`` inputs (CUDA, PyTorch ≥ 2.8)."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    try:
+        probe = torch.ones(1, 1, 1, dtype=dtype, device=device)
+        return torch.bmm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
+    except (RuntimeError, TypeError):
+        return False
+
+
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
+                        kind: str = "sdpa", fp32_scores: bool = False) -> torch.Tensor:
+    """Attention of one (already scaled) query per row over ``k``/``v``, masked where ``mask`` is False.
+
+    ``kind``: ``sdpa`` (PyTorch's fused kernels), ``matmul`` (scores by matrix product, softmax in float32,
+    weighted sum) or ``reduce`` (the same sums as elementwise products reduced in float32: one query per row
+    leaves a matrix kernel's tiles nearly empty). ``fp32_scores`` (matmul, CUDA half precision; see
+    :func:`half_scores_in_fp32`): the scores leave the matrix product in float32 instead of being rounded to the
+    inputs' precision first."""
+    if kind == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+    if kind == "reduce":
+        scores = (q * k).sum(-1, dtype=torch.promote_types(q.dtype, torch.float32)).unsqueeze(-2)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, -torch.inf)
+        weights = scores.softmax(-1).to(v.dtype).transpose(-1, -2)  # rows × heads × keys × 1
+        return (weights * v).sum(-2, keepdim=True, dtype=scores.dtype).to(v.dtype)
+    if fp32_scores:
+        flat = torch.bmm(q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), out_dtype=torch.float32)
+        scores = flat.view(*q.shape[:-1], k.shape[-2])
+    else:
+        scores = torch.matmul(q, k.transpose(-1, -2))
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -torch.inf)
+    return torch.matmul(scores.softmax(-1).to(v.dtype), v)
 
 
 def token_entropy(log_p: torch.Tensor) -> torch.Tensor:
@@ -59,8 +100,7 @@ class DecodeStep:
     def __init__(self, model: Any, rules: StepRules, slots: int, *, words: bool = False, graphs: bool = True,
                  attention: str = "sdpa"):
         """``graphs``: on CUDA, replay each step from a captured CUDA graph (off: launch its kernels each time).
-        ``attention``: ``sdpa`` (PyTorch's fused kernels) or ``matmul`` (scores, softmax, weighted sum: one query
-        per row needs no tiling; see :data:`ATTENTION`)."""
+        ``attention``: one of :data:`ATTENTION` (see :func:`one_query_attention`)."""
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {ATTENTION}, not {attention!r}")
         self.model, self.rules, self.slots, self.graphs, self.attention = model, rules, slots, graphs, attention
@@ -115,6 +155,7 @@ class DecodeStep:
         self._begin_suppress = begin
         self._language_ids = torch.tensor(rules.language_ids or (0,), device=dev)
         self._scaling = self.head_dim ** -0.5
+        self._scores_in_fp32 = attention == "matmul" and half_scores_in_fp32(self.device, self.dtype)
         self._state = [self.token, self.pos, self.prompt, self.prompt_len, self.n, self.last, self.penult,
                        self.last_stamp, self.done]
         self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
@@ -200,14 +241,7 @@ class DecodeStep:
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                    mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention of one (already scaled) query per row over ``k``/``v``, masked where ``mask`` is False."""
-        if self.attention == "sdpa":
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
-        scores = torch.matmul(q, k.transpose(-1, -2))
-        scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # softmax in at least fp32
-        if mask is not None:
-            scores = scores.masked_fill(~mask, -torch.inf)
-        return torch.matmul(scores.softmax(-1).to(v.dtype), v)
+        return one_query_attention(q, k, v, mask, kind=self.attention, fp32_scores=self._scores_in_fp32)
 
     def _attend(self, layer_index: int, layer: Any, x: torch.Tensor, length: int) -> torch.Tensor:
         b, h, dh = self.slots, self.heads, self.head_dim

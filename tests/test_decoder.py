@@ -86,7 +86,7 @@ def assert_same(reference_out, new_out: dict[int, DecodeResult]) -> None:
         assert got.sequence.logprobs == pytest.approx(sequence.logprobs, abs=1e-4)
 
 
-@pytest.mark.parametrize("timestamps,attention", [(True, "sdpa"), (False, "sdpa"), (True, "matmul")])
+@pytest.mark.parametrize("timestamps,attention", [(True, "sdpa"), (False, "sdpa"), (True, "matmul"), (True, "reduce")])
 def test_tokens_identical_to_the_reference_decoder_on_random_weights(timestamps, attention):
     model = tiny_whisper()
     feats = features(10)
@@ -159,7 +159,7 @@ def test_tokens_identical_to_the_reference_decoder_on_real_speech(settings, shar
 
 
 @cuda
-@pytest.mark.parametrize("attention", ["sdpa", "matmul"])
+@pytest.mark.parametrize("attention", ["sdpa", "matmul", "reduce"])
 def test_cuda_graph_replay_gives_the_eager_steps_tokens(attention):
     model = tiny_whisper(torch.bfloat16, "cuda")
     feats = features(12, seed=4)
@@ -169,9 +169,27 @@ def test_cuda_graph_replay_gives_the_eager_steps_tokens(attention):
 
 
 @cuda
-@pytest.mark.parametrize("timestamps", [True, False])
-def test_tokens_identical_to_the_reference_decoder_on_cuda(timestamps):
+@pytest.mark.parametrize("timestamps,attention", [(True, "sdpa"), (False, "sdpa"), (True, "matmul"), (True, "reduce")])
+def test_tokens_identical_to_the_reference_decoder_on_cuda(timestamps, attention):
     model = tiny_whisper(torch.float32, "cuda")
     feats = features(10)
     expected = decode_reference(model, feats, timestamps)
-    assert_same(expected, decode_new(WhisperDecoder(model, special(), [], [], slots=4), feats, timestamps=timestamps))
+    decoder = WhisperDecoder(model, special(), [], [], slots=4, attention=attention)
+    assert_same(expected, decode_new(decoder, feats, timestamps=timestamps))
+
+
+@cuda
+def test_matmul_attention_scores_half_precision_in_float32():
+    """bf16 keys and queries, float32 scores: the same attention as float32 inputs up to bf16's rounding of
+    the weighted sum, and closer to it than scores rounded to bf16 first."""
+    from ml_backend.decode_step import half_scores_in_fp32, one_query_attention
+
+    assert half_scores_in_fp32(torch.device("cuda"), torch.bfloat16)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(8, 4, n, 64, device="cuda", generator=generator) for n in (1, 1500, 1500))
+    q = q * 3  # peaked attention, where rounded scores hurt
+    exact = one_query_attention(q, k, v, kind="matmul")
+    half = [one_query_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), kind="matmul", fp32_scores=fp32).float()
+            for fp32 in (True, False)]
+    ours, rounded = ((h - exact).abs().mean() for h in half)
+    assert ours < rounded
