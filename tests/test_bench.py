@@ -141,6 +141,14 @@ def test_summary_of_several_seeds(capsys):
     assert again["general_speech_change"]["entropy"][0] == pytest.approx((0.002 + 0.004) / 2)
     out = capsys.readouterr().out
     assert "1 of 4 candidates more than 0.005 worse" in out and "another language: 5 → 1" in out
+    from loopscribe.bench.loop import ShrunkRound  # the gate shrank seed 0's second adapter: both sides reported
+
+    curves[0].retried, curves[0].strengths = [False, True], [1.0, 0.5]
+    curves[0].shrunk = [ShrunkRound(2, 0.5, 0.3, 0.28, (0.06, 0.052), 0.07)]
+    again = summarize(curves, [0, 1], None, "en", general_margin=0.005)
+    assert again["curves"][0]["shrunk"][0]["error_as_trained"] == 0.28
+    assert ("entropy seed 0 round 2: large set 0.300 at strength 0.5, 0.280 as trained; general speech: live 0.060, "
+            "shrunk 0.052, as trained 0.070") in capsys.readouterr().out
     flat = [run(s, 0, [0.4, 0.4], [0.5], ["rejected"], None) for s in ("entropy", "random")]
     assert summarize(flat, [0], None, None)["entropy_corrections_to_match"] is None
     assert "not measurable" in capsys.readouterr().out

@@ -64,6 +64,18 @@ DIVERSE_CANDIDATES = 3  # diverse: clusters are drawn from the least confident 3
 
 
 @dataclass
+class ShrunkRound:
+    """A round whose adapter the gate shrank for general speech: what shrinking gave up and what it saved."""
+
+    round: int
+    strength: float
+    error: float  # the model the gate ended with, on the large held-out set
+    error_as_trained: float  # the adapter as trained, on the same set
+    general: tuple[float, float] | None  # general speech: the live model, the shrunk adapter
+    general_as_trained: float | None  # general speech, the adapter as trained
+
+
+@dataclass
 class Curve:
     strategy: str
     points: list[tuple[int, float]] = field(default_factory=list)  # (corrections, held-out error of the live model)
@@ -84,6 +96,7 @@ class Curve:
     strengths: list[float] = field(default_factory=list)  # each candidate's adapter strength: 1 as trained, less
     # when the gate shrank it for general speech (REGRESSION_RETRY_STRENGTH)
     retried: list[bool] = field(default_factory=list)  # whether the gate tried the adapter shrunk, each round
+    shrunk: list[ShrunkRound] = field(default_factory=list)  # rounds whose adapter the gate shrank
 
     def corrections_to_reach(self, target: float) -> float | None:
         """Corrections at which the curve first reaches ``target`` (linear between rounds); None if never."""
@@ -310,6 +323,13 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
                 general = regression_check(settings, live_engine or base_engine, engine, served)
             if general is not None:
                 curve.general.append((general.live_error, general.candidate_error))
+            if strength < 1:
+                as_trained = verdict.full_strength.regression if verdict.full_strength else None
+                curve.shrunk.append(ShrunkRound(
+                    round_, strength, report.error_rate,
+                    evaluate(WhisperEngine(settings, resolved=candidate), heldout_examples, served).error_rate,
+                    (general.live_error, general.candidate_error) if general else None,
+                    as_trained.candidate_error if as_trained else None))
             on_large = gate.compare(live_report.counts(), report.counts(), settings.promote_confidence)
             independent = gate.decide(on_large, settings, general).outcome
             curve.evidence.append((held_only, gate.decide(on_large, settings).outcome))
@@ -323,7 +343,10 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
             curve.points.append((len(train) + len(held), live_error))
             vocab_share = sum(c.path.name.startswith("domain_") for c in chosen)
             picks = "" if args.corpus else f"{vocab_share}/{len(chosen)} picks had invented names; "
-            also = ((f" at strength {strength:g}" if strength < 1 else "")
+            shrunk = ""
+            if strength < 1:
+                shrunk = f" at strength {strength:g} (as trained {curve.shrunk[-1].error_as_trained:.3f})"
+            also = (shrunk
                     + (f"; language forced {curve.candidates_forced[-1]:.3f}" if forced is not None else "")
                     + (f"; general speech {general.live_error:.3f} → {general.candidate_error:.3f}" if general
                        else ""))
@@ -465,6 +488,13 @@ def summarize(curves: list[Curve], seeds: list[int], corpus: Path | None, force_
     if retried:
         print(f"the gate tried {retried} of {sum(len(c.retried) for c in curves)} candidates shrunk for general "
               f"speech (REGRESSION_RETRY_STRENGTH); {sum(st < 1 for c in curves for st in c.strengths)} went live")
+        for c in curves:
+            for r in c.shrunk:
+                speech = (f"; general speech: live {r.general[0]:.3f}, shrunk {r.general[1]:.3f}"
+                          if r.general else "")
+                speech += f", as trained {r.general_as_trained:.3f}" if r.general_as_trained is not None else ""
+                print(f"  {c.strategy} seed {c.seed} round {r.round}: large set {r.error:.3f} at strength "
+                      f"{r.strength:g}, {r.error_as_trained:.3f} as trained{speech}")
     summary: dict = {"seeds": seeds, "corpus": str(corpus) if corpus else None,
                      "curves": [asdict(c) for c in curves], "mean": {s: asdict(c) for s, c in means.items()},
                      "gate_agreement": gate_agreement(curves)}
