@@ -68,21 +68,20 @@ def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     inputs' precision first."""
     if kind == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+    at_least_fp32 = torch.promote_types(q.dtype, torch.float32)
     if kind == "reduce":
-        scores = (q * k).sum(-1, dtype=torch.promote_types(q.dtype, torch.float32)).unsqueeze(-2)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, -torch.inf)
-        weights = scores.softmax(-1).to(v.dtype).transpose(-1, -2)  # rows × heads × keys × 1
-        return (weights * v).sum(-2, keepdim=True, dtype=scores.dtype).to(v.dtype)
-    if fp32_scores:
+        scores = (q * k).sum(-1, dtype=at_least_fp32).unsqueeze(-2)
+    elif fp32_scores:
         flat = torch.bmm(q.flatten(0, 1), k.flatten(0, 1).transpose(1, 2), out_dtype=torch.float32)
         scores = flat.view(*q.shape[:-1], k.shape[-2])
     else:
-        scores = torch.matmul(q, k.transpose(-1, -2))
-        scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+        scores = torch.matmul(q, k.transpose(-1, -2)).to(at_least_fp32)
     if mask is not None:
         scores = scores.masked_fill(~mask, -torch.inf)
-    return torch.matmul(scores.softmax(-1).to(v.dtype), v)
+    weights = scores.softmax(-1).to(v.dtype)  # rows × heads × 1 × keys
+    if kind == "reduce":
+        return (weights.transpose(-1, -2) * v).sum(-2, keepdim=True, dtype=at_least_fp32).to(v.dtype)
+    return torch.matmul(weights, v)
 
 
 def token_entropy(log_p: torch.Tensor) -> torch.Tensor:
