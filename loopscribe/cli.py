@@ -8,7 +8,7 @@
     loopscribe bench export [--tasks 1000] [--format F]
     loopscribe bench probe [--slow 20] [--burst 20]
     loopscribe bench uncertainty [--vocabulary N] [--json FILE]
-    loopscribe bench loop [--rounds R] [--k K] [--strategy entropy|random|diverse]
+    loopscribe bench loop [--rounds R] [--k K] [--strategy entropy|random|diverse|skip]
     loopscribe bench ledger [--database-url URL] [--threads N]
     loopscribe up | down | status [--json]
     loopscribe import --project N [--storage local|upload] PATH...
@@ -564,9 +564,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          "threshold, so the gate sample served first leaves training data)")
     p.add_argument("--pool-domain", type=int, default=48, help="pool clips with invented product names")
     p.add_argument("--heldout-domain", type=int, default=18, help="held-out clips with invented product names")
-    p.add_argument("--strategy", action="append", choices=("entropy", "random", "diverse"),
+    p.add_argument("--strategy", action="append", choices=("entropy", "random", "diverse", "skip"),
                    help="default: entropy and random; diverse: the gate sample, then one clip per cluster of "
-                        "the least confident")
+                        "the least confident; skip: the gate sample, then the least confident past the "
+                        "least confident 15 %% (the hopeless)")
     p.add_argument("--seed", type=int, default=0, help="first seed (random picks, splits, training)")
     p.add_argument("--seeds", type=int, help="seeds to run (default: 3 with --corpus, else 1)")
     p.add_argument("--corpus", type=Path, help="real recordings: transcripts.json (+ speakers.json), see bench corpus")

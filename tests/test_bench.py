@@ -174,6 +174,18 @@ def test_diverse_picks_serve_the_gate_sample_then_one_clip_per_cluster():
     assert diverse_picks([10, 11], scores, embeddings, 5, seed=0) == [10, 11]  # fewer than k left
 
 
+def test_skip_picks_serve_the_gate_sample_then_pass_over_the_least_confident():
+    from loopscribe.bench.loop import skip_picks
+
+    # 1-2: the gate sample (ahead band); 10-19: ranked pool tasks, 10 the least confident
+    scores = {1: 0.0005, 2: 0.0001} | {t: 0.01 * t for t in range(10, 20)}
+    unlabeled = sorted(scores)
+    assert skip_picks(unlabeled, scores, 5, share=0.2) == [2, 1, 12, 13, 14]  # 10 and 11: the bottom 20 %
+    assert skip_picks(unlabeled, scores, 12, share=0.2) == [2, 1, *range(12, 20), 10, 11]  # skipped ones come last
+    assert skip_picks(unlabeled, scores, 1, share=0.2) == [2]
+    assert skip_picks(unlabeled, scores, 3, share=0.0) == [2, 1, 10]  # no share: /next's own order
+
+
 @pytest.mark.slow
 def test_bench_adapters_measures_both_strategies_and_they_agree(tmp_path, settings):
     """`bench adapters`: each configuration in its own process, on the bundled base with real clips."""

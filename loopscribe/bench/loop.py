@@ -7,7 +7,9 @@ ground truth, pre-annotated by the base model; then, round after round:
 1. ``k`` tasks are chosen: ``entropy`` takes what Label Studio's ``/next`` serves (uncertainty
    sampling over the live model's confidence, the product's ranking); ``random`` draws from
    the unlabeled tasks with a fixed seed; ``diverse`` takes the same gate sample ``/next`` serves
-   first, then one clip per cluster of the least confident (:func:`diverse_picks`);
+   first, then one clip per cluster of the least confident (:func:`diverse_picks`); ``skip`` takes
+   the gate sample, then the least confident after skipping the hopeless bottom of the ranking
+   (:func:`skip_picks`);
 2. each is "annotated" with its ground truth through Label Studio's API (as an annotator
    correcting the prediction would);
 3. as in the product, the annotated tasks the hash puts in the held-out split
@@ -61,6 +63,7 @@ from .uncertainty import hard_variants
 
 STRATEGIES = ("entropy", "random")  # the default comparison; "diverse" on request
 DIVERSE_CANDIDATES = 3  # diverse: clusters are drawn from the least confident 3 × k unlabeled tasks
+SKIP_SHARE = 0.15  # skip: the least confident 15 % of the ranked unlabeled tasks are passed over as hopeless
 
 
 @dataclass
@@ -175,6 +178,27 @@ def latest_scores(ls, project: int) -> dict[int, float]:
             if p.model_version == version and p.task is not None and p.score is not None}
 
 
+def _gate_sample_first(unlabeled: list[int], scores: dict[int, float], k: int) -> tuple[list[int], list[int]]:
+    """(up to ``k`` tasks of the product's gate sample, as ``/next`` serves them first: the tasks whose serving score
+    lies in the ahead band; the other unlabeled tasks, least confident first)."""
+    from ml_backend.splits import POOL_BAND
+
+    by_score = sorted(unlabeled, key=lambda t: (scores.get(t, 0.0), t))
+    gate_sample = {t for t in unlabeled if t in scores and scores[t] < POOL_BAND[0]}
+    return [t for t in by_score if t in gate_sample][:k], [t for t in by_score if t not in gate_sample]
+
+
+def skip_picks(unlabeled: list[int], scores: dict[int, float], k: int, share: float = SKIP_SHARE) -> list[int]:
+    """``k`` tasks: the gate sample first, then the least confident, passing over the least confident ``share`` of
+    the ranked tasks. Whisper's own alarms (text over probable silence, loops) push a clip's confidence to the
+    bottom of the ranking (:func:`ml_backend.uncertainty.confidence`), and so do fluent inventions; the hypothesis
+    tested is that such clips teach less per annotation than the next least confident. When fewer than ``k``
+    remain past the skipped ones, the skipped are taken after all (the pool is finite)."""
+    picks, ranked = _gate_sample_first(unlabeled, scores, k)
+    skipped = round(len(ranked) * share)
+    return (picks + ranked[skipped:] + ranked[:skipped])[:k]
+
+
 def diverse_picks(unlabeled: list[int], scores: dict[int, float], embeddings: dict[int, np.ndarray], k: int,
                   seed: int) -> list[int]:
     """``k`` tasks: the product's gate sample first (the tasks whose serving score lies in the band ``/next``
@@ -183,13 +207,9 @@ def diverse_picks(unlabeled: list[int], scores: dict[int, float], embeddings: di
     on near-identical clips."""
     from sklearn.cluster import KMeans
 
-    from ml_backend.splits import POOL_BAND
-
-    by_score = sorted(unlabeled, key=lambda t: (scores.get(t, 0.0), t))
-    gate_sample = {t for t in unlabeled if t in scores and scores[t] < POOL_BAND[0]}
-    picks = [t for t in by_score if t in gate_sample][:k]
+    picks, ranked = _gate_sample_first(unlabeled, scores, k)
     rest = k - len(picks)
-    candidates = [t for t in by_score if t not in gate_sample][: DIVERSE_CANDIDATES * rest]
+    candidates = ranked[: DIVERSE_CANDIDATES * rest]
     if rest <= 0 or not candidates:
         return picks
     if len(candidates) <= rest:
@@ -273,11 +293,12 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
         for round_ in range(1, args.rounds + 1):
             chosen: list[ReferenceClip] = []
             planned = (diverse_picks(unlabeled, latest_scores(ls, project), embeddings, args.k, seed)
-                       if strategy == "diverse" else [])
+                       if strategy == "diverse" else
+                       skip_picks(unlabeled, latest_scores(ls, project), args.k) if strategy == "skip" else [])
             for _ in range(args.k):
                 if strategy == "entropy":
                     picked = _next_task(settings, project)
-                elif strategy == "diverse":
+                elif strategy in ("diverse", "skip"):
                     picked = planned.pop(0) if planned else None
                 else:
                     picked = rng.choice(unlabeled) if unlabeled else None
