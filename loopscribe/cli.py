@@ -144,6 +144,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     print("starting the worker …", file=sys.stderr)
     stack.start_worker(values, settings, paths)
     ls = labelstudio.client(settings)
+    labelstudio.check_token(ls, paths.label_studio_data, stack.ENV_FILE)
     project = labelstudio.find_or_create_project(ls, DEMO_PROJECT, LABEL_CONFIG.read_text())
     demo = [c.path for c in demo_clips(settings.home / "demo")] + [c.path for c in shared_clips()]
     _import_and_predict(ls, settings, project, demo, "local", args.quiet)

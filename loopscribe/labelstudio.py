@@ -50,6 +50,22 @@ def client(settings: Settings) -> LabelStudio:
     return LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key)
 
 
+def check_token(ls: LabelStudio, data_dir: Path, env_file: Path) -> None:
+    """Fail with what to do when Label Studio refuses the API key: its data folder was set up by another ``.env``
+    (e.g. a second checkout on a machine that already ran ``up``, both under the same ``LOOPSCRIBE_HOME``)."""
+    from label_studio_sdk.core.api_error import ApiError
+
+    try:
+        ls.users.whoami()
+    except ApiError as exc:
+        if exc.status_code != 401:
+            raise
+        raise EnvironmentProblem(
+            f"Label Studio refuses LABEL_STUDIO_API_KEY from {env_file}: its data in {data_dir} was set up with "
+            "another key (another checkout's .env?). Use that .env (LOOPSCRIBE_ENV_FILE=...), or give this "
+            "checkout its own LOOPSCRIBE_HOME") from exc
+
+
 def describe_error(exc: Exception, limit: int = 400) -> str:
     """A one-line reason: Label Studio API errors by status and body, not by their response headers;
     connection failures by what could not be reached."""
