@@ -61,7 +61,7 @@ from ..paths import LABEL_CONFIG, default_regression_audio
 from .synth import TEMPLATES, domain_clips, template_of
 from .uncertainty import hard_variants
 
-STRATEGIES = ("entropy", "random")  # the default comparison; "diverse" on request
+STRATEGIES = ("entropy", "random")  # the default comparison; "diverse" and "skip" on request
 DIVERSE_CANDIDATES = 3  # diverse: clusters are drawn from the least confident 3 × k unlabeled tasks
 SKIP_SHARE = 0.15  # skip: the least confident 15 % of the ranked unlabeled tasks are passed over as hopeless
 
