@@ -279,11 +279,11 @@ def test_a_key_label_studio_refuses_says_what_to_do(live, ls):
     """A second checkout under the same LOOPSCRIBE_HOME brings its own .env: `up` names the cause, not a bare 401."""
     from ml_backend.errors import EnvironmentProblem
 
-    s, paths, _ = live
-    labelstudio.check_token(ls, paths.label_studio_data, stack.ENV_FILE)  # the stack's own key passes
+    s, paths, env_file = live
+    labelstudio.check_token(ls, paths.label_studio_data, env_file)  # the stack's own key passes
     other = labelstudio.client(replace(s, label_studio_api_key="0" * 40))
     with pytest.raises(EnvironmentProblem, match="another key") as refused:
-        labelstudio.check_token(other, paths.label_studio_data, stack.ENV_FILE)
+        labelstudio.check_token(other, paths.label_studio_data, env_file)
     assert "0" * 40 not in str(refused.value) and str(paths.label_studio_data) in str(refused.value)
 
 

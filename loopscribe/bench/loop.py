@@ -292,9 +292,11 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
             embeddings = {t.id: by_name[Path(t.data["source_file"]).name] for t in tasks}
         for round_ in range(1, args.rounds + 1):
             chosen: list[ReferenceClip] = []
-            planned = (diverse_picks(unlabeled, latest_scores(ls, project), embeddings, args.k, seed)
-                       if strategy == "diverse" else
-                       skip_picks(unlabeled, latest_scores(ls, project), args.k) if strategy == "skip" else [])
+            planned: list[int] = []  # diverse and skip choose the round's k up front; entropy asks /next each time
+            if strategy == "diverse":
+                planned = diverse_picks(unlabeled, latest_scores(ls, project), embeddings, args.k, seed)
+            elif strategy == "skip":
+                planned = skip_picks(unlabeled, latest_scores(ls, project), args.k)
             for _ in range(args.k):
                 if strategy == "entropy":
                     picked = _next_task(settings, project)
