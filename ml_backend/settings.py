@@ -187,6 +187,9 @@ class Settings:
                                        "every step (base, top 3: 0.54x the step time on CPU)", parse=_count,
                                        group="training")
     train_epochs: int = setting(5, "TRAIN_EPOCHS", "passes over the training split", group="training")
+    train_spec_augment: bool = setting(False, "TRAIN_SPEC_AUGMENT", "mask two random mel bands and two short time "
+                                       "spans of every training utterance at every step (SpecAugment); only where the "
+                                       "whole encoder trains (LORA_ENCODER=1, all layers)", group="training")
     train_learning_rate: float = setting(1e-3, "TRAIN_LEARNING_RATE", "AdamW learning rate (recipe: 1e-3), linear "
                                          "decay after warm-up", group="training")
     train_batch_size: int = setting(8, "TRAIN_BATCH_SIZE", "utterances per optimizer step", group="training")

@@ -93,9 +93,9 @@ def test_a_small_project_serves_at_least_heldout_ahead_tasks_first():
 
 
 def test_lora_arguments_come_from_settings(settings):
-    s = replace(settings, lora_r=8, train_epochs=3)
+    s = replace(settings, lora_r=8, train_epochs=3, train_spec_augment=True)
     args = LoraArguments.from_settings(s, epochs=7, learning_rate=None)
-    assert (args.r, args.epochs, args.learning_rate) == (8, 7, s.train_learning_rate)
+    assert (args.r, args.epochs, args.learning_rate, args.spec_augment) == (8, 7, s.train_learning_rate, True)
 
 
 def test_recovery_requeues_a_job_whose_worker_died_then_fails_it(tmp_path, settings, monkeypatch):
@@ -231,6 +231,51 @@ def test_training_the_top_encoder_layers_changes_only_those_and_the_decoder(sett
                if ".lora_B." in k and v.abs().sum() > 0}
     encoder_layers = {int(k.split("encoder.layers.")[1].split(".")[0]) for k in updated if ".encoder.layers." in k}
     assert encoder_layers == {4, 5} and any(".decoder." in k for k in updated)
+
+
+def test_spec_augment_masks_bands_and_spans_inside_the_speech_only():
+    import torch
+
+    from training.lora import FREQUENCY_MASK_BINS, MASKS, TIME_MASK_SHARE, spec_augment
+
+    features = torch.rand(2, 80, 3000) + 1  # nothing is 0 before masking
+    frames = [400, 3000]
+    masked = spec_augment(features, frames, torch.Generator().manual_seed(0))
+    assert torch.all(features > 0), "the input is left as it was"
+    for row, speech in enumerate(frames):
+        zero = masked[row] == 0
+        bands = zero.all(dim=1)  # mel bins masked over all frames
+        spans = zero.all(dim=0)  # frames masked over all bins
+        assert bands.sum() <= MASKS * FREQUENCY_MASK_BINS
+        assert spans.sum() <= MASKS * int(speech * TIME_MASK_SHARE)
+        assert not spans[speech:].any(), "time masks stay inside the utterance, not its padding"
+        assert torch.equal(zero, bands[:, None] | spans[None, :]), "nothing else is touched"
+    again = spec_augment(features, frames, torch.Generator().manual_seed(0))
+    other = spec_augment(features, frames, torch.Generator().manual_seed(1))
+    assert torch.equal(masked, again) and not torch.equal(masked, other)
+
+
+def test_training_with_spec_augment_sees_masked_features(settings, tmp_path, clip, transcripts, base_whisper):
+    """One real step over the whole encoder, with and without TRAIN_SPEC_AUGMENT, from the same seed: the masked
+    features give another loss; with only the top encoder layers trained the setting is not applied (their input
+    is cached), so the loss is the unmasked one."""
+    from training.lora import train_lora
+
+    path, _ = base_whisper
+    names = ["jfk_en.flac", "one_two_three_en.wav"]
+    examples = [Example(task=i, audio=clip(n)[: 30 * 16000], text=transcripts[n]["text"],
+                        language=transcripts[n]["language"]) for i, n in enumerate(names)]
+    args = LoraArguments.from_settings(settings, epochs=1, batch_size=2, device="cpu", encoder=True, encoder_layers=0)
+    assert args.spec_augment is False  # off unless TRAIN_SPEC_AUGMENT says so
+
+    def loss(**changes) -> float:
+        result = train_lora(path, examples, replace(args, **changes), tmp_path / str(changes), progress=False)
+        assert result.steps == 1
+        return result.final_loss
+
+    plain, augmented = loss(), loss(spec_augment=True)
+    assert augmented != pytest.approx(plain, rel=1e-4)
+    assert loss(encoder_layers=2, spec_augment=True) == pytest.approx(loss(encoder_layers=2), rel=1e-4)
 
 
 def test_the_encoder_layer_count_is_checked_when_read():

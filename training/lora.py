@@ -59,6 +59,7 @@ class LoraArguments:
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     encoder: bool = False
     encoder_layers: int = 0  # with encoder: adapt only the top N encoder layers, cache the rest; 0: all
+    spec_augment: bool = False  # mask mel bands and time spans of each utterance at each step (whole encoder only)
     epochs: int = 5
     learning_rate: float = 1e-3
     batch_size: int = 8
@@ -72,7 +73,7 @@ class LoraArguments:
     def from_settings(cls, settings: Settings, **overrides) -> LoraArguments:
         args = cls(r=settings.lora_r, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
                    target_modules=settings.lora_target_modules, encoder=settings.lora_encoder,
-                   encoder_layers=settings.lora_encoder_layers,
+                   encoder_layers=settings.lora_encoder_layers, spec_augment=settings.train_spec_augment,
                    epochs=settings.train_epochs, learning_rate=settings.train_learning_rate,
                    batch_size=settings.train_batch_size, device=settings.device, dtype=settings.dtype)
         return replace(args, **{k: v for k, v in overrides.items() if v is not None})
@@ -158,6 +159,35 @@ def lora_config(args: LoraArguments, encoder_depth: int):
         scope = r".*decoder.*"
     return LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
                       target_modules=rf"{scope}\.({modules})$", bias="none")
+
+
+FREQUENCY_MASK_BINS = 10  # widest band of 80 mels (transformers' Whisper mask_feature_length), scaled to the model's
+TIME_MASK_SHARE = 0.05  # each time mask covers at most this share of the utterance's own frames (not the padding)
+MASKS = 2  # of each kind
+
+
+def spec_augment(features: torch.Tensor, frames: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+    """SpecAugment (Park et al., 2019) on a batch of Whisper log-mel ``features`` (batch, mels, 3000): per
+    utterance ``MASKS`` random frequency bands and ``MASKS`` random time spans inside its first ``frames[i]``
+    frames set to 0, as transformers' Whisper does. Why: a few hundred corrections are few enough to memorise;
+    masking makes every epoch's copy of an utterance a little different."""
+    masked = features.clone()
+    mels, length = features.shape[1], features.shape[2]
+    widest_band = max(1, round(FREQUENCY_MASK_BINS * mels / 80))
+
+    def draw(high: int) -> int:
+        return int(torch.randint(0, max(1, high) + 1, (1,), generator=generator))
+
+    for row, speech in enumerate(frames):
+        speech = max(1, min(int(speech), length))
+        for _ in range(MASKS):
+            width = draw(widest_band)
+            start = draw(mels - width)
+            masked[row, start : start + width, :] = 0
+            width = draw(int(speech * TIME_MASK_SHARE))
+            start = draw(speech - width)
+            masked[row, :, start : start + width] = 0
+    return masked
 
 
 def run_encoder_layers(encoder, hidden: torch.Tensor, start: int) -> torch.Tensor:
@@ -271,9 +301,17 @@ def train_lora(
             encoder_cache.update({i: h for i, h in zip(missing, out)})
         return torch.stack([encoder_cache[i] for i in batch])
 
+    augment = torch.Generator().manual_seed(args.seed)
+    if args.spec_augment and frozen_below > 0:
+        log.warning("SpecAugment needs the whole encoder trained (its frozen layers' output is cached): not applied")
+
     def encode(batch: list[int]) -> torch.Tensor:
         if frozen_below == 0:
-            return encoder(mel(batch)).last_hidden_state
+            features_ = mel(batch)
+            if args.spec_augment:
+                frames = [examples[i].audio.size // features.hop_length for i in batch]
+                features_ = spec_augment(features_, frames, augment)
+            return encoder(features_).last_hidden_state
         if frozen_below == len(encoder.layers):
             return frozen_part(batch)
         with accelerator.autocast():
