@@ -307,11 +307,11 @@ def train_lora(
 
     def encode(batch: list[int]) -> torch.Tensor:
         if frozen_below == 0:
-            features_ = mel(batch)
+            log_mel = mel(batch)
             if args.spec_augment:
                 frames = [examples[i].audio.size // features.hop_length for i in batch]
-                features_ = spec_augment(features_, frames, augment)
-            return encoder(features_).last_hidden_state
+                log_mel = spec_augment(log_mel, frames, augment)
+            return encoder(log_mel).last_hidden_state
         if frozen_below == len(encoder.layers):
             return frozen_part(batch)
         with accelerator.autocast():
