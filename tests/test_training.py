@@ -238,8 +238,8 @@ def test_spec_augment_masks_bands_and_spans_inside_the_speech_only():
 
     from training.lora import FREQUENCY_MASK_BINS, MASKS, TIME_MASK_SHARE, spec_augment
 
-    features = torch.rand(2, 80, 3000) + 1  # nothing is 0 before masking
-    frames = [400, 3000]
+    features = torch.rand(3, 80, 3000) + 1  # nothing is 0 before masking
+    frames = [400, 3000, 12]  # the last: too short for a time mask (5 % of 12 frames is no whole frame)
     masked = spec_augment(features, frames, torch.Generator().manual_seed(0))
     assert torch.all(features > 0), "the input is left as it was"
     for row, speech in enumerate(frames):

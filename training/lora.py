@@ -176,7 +176,7 @@ def spec_augment(features: torch.Tensor, frames: Sequence[int], generator: torch
     widest_band = max(1, round(FREQUENCY_MASK_BINS * mels / 80))
 
     def draw(high: int) -> int:
-        return int(torch.randint(0, max(1, high) + 1, (1,), generator=generator))
+        return int(torch.randint(0, max(0, high) + 1, (1,), generator=generator))
 
     for row, speech in enumerate(frames):
         speech = max(1, min(int(speech), length))
