@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from loopscribe.bench.loop import Curve
+from loopscribe.bench.loop import Curve, gate_agreement
 from loopscribe.bench.uncertainty import score_signals
 from ml_backend.text import normalize
 
@@ -152,6 +152,23 @@ def test_summary_of_several_seeds(capsys):
     flat = [run(s, 0, [0.4, 0.4], [0.5], ["rejected"], None) for s in ("entropy", "random")]
     assert summarize(flat, [0], None, None)["entropy_corrections_to_match"] is None
     assert "not measurable" in capsys.readouterr().out
+
+
+def test_gate_power_grows_with_the_gates_sample_and_is_none_without_a_difference():
+    from loopscribe.bench.loop import gate_power
+    from ml_backend.settings import Settings
+
+    settings = Settings(promote_min_gain=0.0, promote_confidence=0.95)
+    live = [(3, 10)] * 60  # 30 % on every utterance; the candidate fixes 1 error on 24 of 60, adds 1 on 6
+    candidate = [(2, 10)] * 24 + [(4, 10)] * 6 + [(3, 10)] * 30
+    small, large = gate_power(live, candidate, 8, settings, 0), gate_power(live, candidate, 60, settings, 0)
+    assert small is not None and large is not None
+    assert small < 0.9 and large == 1.0 and small < gate_power(live, candidate, 30, settings, 0)
+    assert gate_power(live, live, 30, settings, 0) == 0.0  # no difference: never promoted
+    assert gate_power(live, candidate, 61, settings, 0) is None and gate_power(live, candidate, 0, settings, 0) is None
+    curve = Curve("entropy", [(0, 0.3), (8, 0.3)], [0.27], decisions=["inconclusive"], independent=["promoted"],
+                  gate_items=[8], gate_power=[small])
+    assert gate_agreement([curve])["mean_power"] == small
 
 
 def test_diverse_picks_serve_the_gate_sample_then_one_clip_per_cluster():

@@ -88,6 +88,10 @@ class Curve:
     decisions: list[str] = field(default_factory=list)  # the product's gate each round, on the project's held-out
     independent: list[str] = field(default_factory=list)  # the same rule on the large independent held-out set
     gate_items: list[int] = field(default_factory=list)  # annotated held-out tasks the product's gate had
+    gate_evidence: list[str] = field(default_factory=list)  # the gate's paired comparison on those, in words
+    # (gain, lower bound, items better/worse), or why there was none: what a decision rested on
+    gate_power: list[float | None] = field(default_factory=list)  # share of random subsets of the large held-out
+    # set, as many utterances as the gate had, on which the held-out rule promotes the candidate (None: no gate)
     # (product's gate, same rule on the large set) on held-out evidence alone, without the general-speech check:
     # whether the gate's sample is big enough, apart from forgetting
     evidence: list[tuple[str, str]] = field(default_factory=list)
@@ -318,6 +322,8 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
                 curve.decisions.append("no training data")
                 curve.independent.append("no training data")
                 curve.gate_items.append(len(held))
+                curve.gate_evidence.append("no training data")
+                curve.gate_power.append(None)
                 curve.points.append((len(train) + len(held), live_error))
                 continue
             args_ = LoraArguments.from_settings(settings, seed=seed)
@@ -329,6 +335,7 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
             general = None
             if len(held) < max(1, settings.heldout_min_items):
                 outcome = held_only = "too few held-out"
+                curve.gate_evidence.append(f"{len(held)} held-out tasks, fewer than HELDOUT_MIN_ITEMS")
                 engine, strength = WhisperEngine(settings, resolved=candidate), 1.0
                 curve.retried.append(False)
             else:
@@ -336,6 +343,7 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
                 engine, strength, general = verdict.engine, verdict.strength, verdict.decision.regression
                 outcome = verdict.decision.outcome
                 held_only = gate.decide(verdict.decision.comparison, settings).outcome
+                curve.gate_evidence.append(verdict.decision.comparison.describe())
                 curve.retried.append(verdict.retried)
             curve.strengths.append(strength)
             report = evaluate(engine, heldout_examples, served)
@@ -354,6 +362,8 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
                     (general.live_error, general.candidate_error) if general else None,
                     as_trained.candidate_error if as_trained else None))
             on_large = gate.compare(live_report.counts(), report.counts(), settings.promote_confidence)
+            curve.gate_power.append(gate_power(live_report.counts(), report.counts(), len(held), settings, seed)
+                                    if outcome != "too few held-out" else None)
             independent = gate.decide(on_large, settings, general).outcome
             curve.evidence.append((held_only, gate.decide(on_large, settings).outcome))
             promoted = outcome == gate.PROMOTE
@@ -376,6 +386,10 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
             print(f"  {strategy:8s} seed {seed} round {round_}: {len(train)} trained + {len(held)} held out, "
                   f"candidate {report.error_rate:.3f}{also} {outcome} (large set: {independent}), live "
                   f"{live_error:.3f} ({picks}{result.steps} steps {result.seconds:.0f} s)", flush=True)
+            power = curve.gate_power[-1]
+            print(f"    gate: {curve.gate_evidence[-1]}"
+                  + (f"; {len(held)} of the large set's utterances, drawn at random, promote it in {power:.0%} "
+                     "of draws" if power is not None else ""), flush=True)
             if promoted and strategy != "random" and round_ < args.rounds:  # re-scored after a promotion only
                 labelstudio.predict_project(ls, settings, project, engine, only_unlabeled=True, progress=False)
             del engine
@@ -388,6 +402,31 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
             ls.projects.delete(id=project)
     curve.seconds = time.perf_counter() - started
     return curve
+
+
+POWER_DRAWS = 200  # random subsets per candidate for :func:`gate_power`
+POWER_RESAMPLES = 500  # bootstrap resamples in each (the gate itself uses gate.RESAMPLES)
+
+
+def gate_power(live: list[tuple[int, int]], candidate: list[tuple[int, int]], items: int, settings: Settings,
+               seed: int) -> float | None:
+    """How likely a gate of ``items`` utterances was to promote this candidate: the share of random
+    ``items``-subsets of the large held-out set (per-utterance ``(errors, reference units)`` of both models) on
+    which the gate's held-out rule says "promoted". Near 1: the gate's sample is big enough for a difference of
+    this size; near 0.5 or below: its "inconclusive" says more about its sample than about the candidate.
+    None when the large set has fewer utterances than ``items`` or ``items`` is 0."""
+    from training import gate
+
+    if not 0 < items <= len(live):
+        return None
+    rng = np.random.default_rng(seed)
+    promoted = 0
+    for draw in range(POWER_DRAWS):
+        picks = rng.choice(len(live), size=items, replace=False)
+        comparison = gate.compare([live[i] for i in picks], [candidate[i] for i in picks],
+                                  settings.promote_confidence, resamples=POWER_RESAMPLES, seed=draw)
+        promoted += gate.decide(comparison, settings).outcome == gate.PROMOTE
+    return promoted / POWER_DRAWS
 
 
 def wrong_language(report) -> int:
@@ -450,6 +489,7 @@ def gate_agreement(curves: list[Curve]) -> dict:
     pairs = [(d, i, n) for c in curves for d, i, n in zip(c.decisions, c.independent, c.gate_items)
              if d != "no training data"]
     evidence = [pair for c in curves for pair in c.evidence]
+    power = [p for c in curves for p in c.gate_power if p is not None]
     return {
         "held_out_evidence_alone": {  # the general-speech check left out on both sides
             "decisions": len(evidence), "agree": sum((d == "promoted") == (i == "promoted") for d, i in evidence),
@@ -461,6 +501,7 @@ def gate_agreement(curves: list[Curve]) -> dict:
         "missed": sum(d != "promoted" and i == "promoted" for d, i, _ in pairs),
         "median_items": float(np.median([n for _, _, n in pairs])) if pairs else 0.0,
         "pairs": [f"{d} / {i}" for d, i, _ in pairs],
+        "mean_power": float(np.mean(power)) if power else None,
     }
 
 
@@ -527,6 +568,9 @@ def summarize(curves: list[Curve], seeds: list[int], corpus: Path | None, force_
               f"large held-out set: {agreement['agree']}/{agreement['decisions']} agree; "
               f"{agreement['promoted_but_not_better']} promoted a candidate the large set does not find better, "
               f"{agreement['missed']} missed one it promotes")
+        if agreement["mean_power"] is not None:
+            print("  a gate of as many utterances drawn from the large set promotes the candidates in "
+                  f"{agreement['mean_power']:.0%} of draws on average (its power for differences of these sizes)")
         alone = agreement["held_out_evidence_alone"]
         if alone["decisions"]:
             print(f"  on held-out evidence alone (no general-speech check): {alone['agree']}/{alone['decisions']} "
