@@ -154,7 +154,7 @@ def test_summary_of_several_seeds(capsys):
     assert "not measurable" in capsys.readouterr().out
 
 
-def test_gate_power_grows_with_the_gates_sample_and_is_none_without_a_difference():
+def test_gate_power_grows_with_the_gates_sample_and_is_zero_without_a_difference():
     from loopscribe.bench.loop import gate_power
     from ml_backend.settings import Settings
 
