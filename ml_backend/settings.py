@@ -187,7 +187,7 @@ class Settings:
                                        "every step (base, top 3: 0.54x the step time on CPU)", parse=_count,
                                        group="training")
     train_epochs: int = setting(3, "TRAIN_EPOCHS", "passes over the training split (3: as much learned on real "
-                                "accented speech as 5, in 0.6x the time; README, Benchmarks)", group="training")
+                                "accented speech as 5, in about half the time; README, Benchmarks)", group="training")
     train_spec_augment: bool = setting(False, "TRAIN_SPEC_AUGMENT", "mask two random mel bands and two short time "
                                        "spans of every training utterance at every step (SpecAugment); only where the "
                                        "whole encoder trains (LORA_ENCODER=1, all layers)", group="training")
