@@ -545,8 +545,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer-batch", type=int, default=64, help="with --shape: transformers generate batch size")
     p.add_argument("--compile-peer", action="store_true", help="with --shape: add the static-cache + "
                    "torch.compile peer (compiles for minutes)")
-    p.add_argument("--attention", action="append", choices=["sdpa", "matmul", "reduce"],
-                   help="with --shape: also a row with this attention in the decoder step (serving uses sdpa)")
+    p.add_argument("--attention", action="append", choices=["sdpa", "cudnn", "matmul", "reduce"],
+                   help="with --shape: also a row with this attention in the decoder step (serving uses cudnn: "
+                   "cuDNN's fused attention for the cross-attention on CUDA, sdpa elsewhere)")
+    p.add_argument("--attention-only", action="store_true", help="with --shape: time the cross-attention alone "
+                   "at the model's decoding shape, in every form (and, on CUDA, each of PyTorch's fused kernels)")
     p.add_argument("--json", type=Path, help="also write the table as JSON here")
     p.set_defaults(func=cmd_bench)
     p = bench.add_parser("backend", help="/predict latency and bulk pre-annotation throughput (needs `up`)")

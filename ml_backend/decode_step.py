@@ -22,14 +22,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 MAX_PROMPT = 4  # <|startoftranscript|> <|lang|> <|task|> <|notimestamps|>
 POSITION_BUCKET = 32  # graphs are captured per attention length rounded up to this
-# `sdpa` serves. On an H200 (large-v3, 256 slots) the cross-attention takes 0.91 ms a layer with either `sdpa`
-# (flash) or `matmul` (a GEMM for the scores, a GEMV for the sum): both are far from reading 98 MB of keys and
-# values at the card's bandwidth. `reduce` (elementwise products and sums, no padded tiles) is the next candidate,
-# not yet timed on a GPU: `bench engine --shape large-v3 --attention matmul --attention reduce` compares all three
-ATTENTION = ("sdpa", "matmul", "reduce")
+# On an H200 (large-v3, 256 slots, bf16) the cross-attention alone took 0.87 ms a call with flash (tiles padded from
+# one query to 128), 0.99 with the memory-efficient kernel, 0.94 with `matmul`, 4.5 with eager `reduce` (0.63
+# compiled), 0.52 with flex_attention compiled and 0.43 with cuDNN's fused attention (4.6 TB/s of keys and values,
+# about the card's bandwidth): so `cudnn` serves (README, "The decoder on a GPU"); off CUDA it is `sdpa`
+ATTENTION = ("sdpa", "cudnn", "matmul", "reduce")
+SERVING_ATTENTION = "cudnn"
+CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass(frozen=True)
@@ -61,12 +64,16 @@ def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
                         kind: str = "sdpa", fp32_scores: bool = False) -> torch.Tensor:
     """Attention of one (already scaled) query per row over ``k``/``v``, masked where ``mask`` is False.
 
-    ``kind``: ``sdpa`` (PyTorch's fused kernels), ``matmul`` (scores by matrix product, softmax in float32,
-    weighted sum) or ``reduce`` (the same sums as elementwise products reduced in float32: one query per row
-    leaves a matrix kernel's tiles nearly empty). ``fp32_scores`` (matmul, CUDA half precision; see
-    :func:`half_scores_in_fp32`): the scores leave the matrix product in float32 instead of being rounded to the
-    inputs' precision first."""
-    if kind == "sdpa":
+    ``kind``: ``sdpa`` (PyTorch's fused kernels, its choice), ``cudnn`` (unmasked CUDA half precision: cuDNN's
+    fused attention first, which :func:`ml_backend.whisper.avoid_cudnn_attention` turns off for everything else;
+    otherwise ``sdpa``), ``matmul`` (scores by matrix product, softmax in float32, weighted sum) or ``reduce``
+    (the same sums as elementwise products reduced in float32: one query per row leaves a matrix kernel's tiles
+    nearly empty). ``fp32_scores`` (matmul, CUDA half precision; see :func:`half_scores_in_fp32`): the scores
+    leave the matrix product in float32 instead of being rounded to the inputs' precision first."""
+    if kind == "cudnn" and mask is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        with sdpa_kernel(CUDNN_FIRST, set_priority=True):  # the others where cuDNN refuses a shape
+            return F.scaled_dot_product_attention(q, k, v, scale=1.0)
+    if kind in ("sdpa", "cudnn"):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
     at_least_fp32 = torch.promote_types(q.dtype, torch.float32)
     if kind == "reduce":
@@ -97,7 +104,7 @@ class DecodeStep:
     """Static buffers and the decoder step for ``slots`` rows of one model (device and dtype of the model)."""
 
     def __init__(self, model: Any, rules: StepRules, slots: int, *, words: bool = False, graphs: bool = True,
-                 attention: str = "sdpa"):
+                 attention: str = SERVING_ATTENTION):
         """``graphs``: on CUDA, replay each step from a captured CUDA graph (off: launch its kernels each time).
         ``attention``: one of :data:`ATTENTION` (see :func:`one_query_attention`)."""
         if attention not in ATTENTION:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .audio import SAMPLE_RATE
-from .decode_step import DecodeStep, StepRules
+from .decode_step import SERVING_ATTENTION, DecodeStep, StepRules
 from .whisper import TIME_PRECISION
 
 SAMPLE_LEN = 224  # Whisper samples at most n_text_ctx // 2 tokens per 30 s window
@@ -126,7 +126,7 @@ class WhisperDecoder:
 
     def __init__(self, model, special: SpecialTokens, suppress_tokens: list[int], begin_suppress: list[int],
                  *, feature_extractor: Any = None, slots: int = 0, cuda_graphs: bool = True,
-                 attention: str = "sdpa"):
+                 attention: str = SERVING_ATTENTION):
         """``slots`` is the decoding batch; 0 is :data:`CPU_SLOTS` on CPU and as many as fit in the free memory
         on CUDA (:func:`gpu_slots`)."""
         self.model, self.special, self.feature_extractor = model, special, feature_extractor

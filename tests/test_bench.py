@@ -235,3 +235,18 @@ def test_bench_ledger_counts_each_annotation_once(capsys):
     assert bench_ledger(args, None) == 0
     out = capsys.readouterr().out
     assert out.count("sqlite") == 2 and "yes" in out and "NO" not in out
+
+
+def test_bench_attention_times_every_form_of_the_cross_attention(tmp_path, settings, capsys):
+    """`bench engine --shape base --attention-only`: every form at the decoding shape, each as exact as float32."""
+    from loopscribe.cli import build_parser
+    from ml_backend.decode_step import ATTENTION
+
+    out = tmp_path / "attention.json"
+    args = build_parser().parse_args(["bench", "engine", "--shape", "base", "--attention-only", "--slots", "2",
+                                      "--repeats", "2", "--json", str(out)])
+    assert args.func(args, settings) == 0
+    rows = json.loads(out.read_text())
+    assert [r["form"] for r in rows] == list(ATTENTION)  # on a CPU: no fused-kernel rows, nothing marked serving
+    assert all(r["ms"] > 0 and r["gb_per_s"] > 0 and r["max_diff"] < 1e-4 for r in rows)
+    assert "cross-attention of 2 rows x 8 heads x 1500 frames x 64" in capsys.readouterr().out

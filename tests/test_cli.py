@@ -80,3 +80,11 @@ def test_label_studio_down_is_one_clear_line_and_writes_nothing(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "Label Studio (http://127.0.0.1:9)" in done.stderr and "ConnectError" in done.stderr
     assert not out.exists()
+
+
+def test_bench_engine_offers_every_attention_the_decoder_step_has():
+    from loopscribe.cli import build_parser
+    from ml_backend.decode_step import ATTENTION
+
+    for kind in ATTENTION:
+        assert build_parser().parse_args(["bench", "engine", "--attention", kind]).attention == [kind]

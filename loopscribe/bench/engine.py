@@ -74,9 +74,9 @@ def bench_engine(args: argparse.Namespace, settings: Settings) -> int:
     from ml_backend.whisper import pick_dtype
 
     if getattr(args, "shape", None):
-        from .shapes import bench_shapes
+        from .shapes import bench_attention, bench_shapes
 
-        return bench_shapes(args)
+        return bench_attention(args) if getattr(args, "attention_only", False) else bench_shapes(args)
     clips = reference_clips(args.clips, settings)
     audio = [decode_audio(c.path) for c in clips]
     total = sum(duration(a) for a in audio)

@@ -5,8 +5,9 @@ the number of tokens real speech of its duration yields (``TOKENS_PER_SECOND``, 
 timestamp pair), with every rule and uncertainty signal computed as when serving.
 Windows are 2–30 s (uniform, seeded); audio seconds are the windows' durations. Rows:
 
-- ``loopscribe``: this decoder, continuous batching, CUDA graphs (the serving path);
+- ``loopscribe``: this decoder, continuous batching, CUDA graphs, the attention it serves with (the serving path);
 - ``loopscribe, no graphs``: the same, each step launched kernel by kernel;
+- ``loopscribe, X attention``: the serving path with another attention form (``--attention X``);
 - ``transformers generate``: the peer, batches of windows sorted by length, each batch
   decoding as long as its longest window (static batching), dynamic cache; and the same
   with a static cache and ``torch.compile(mode="reduce-overhead")`` (``--compile-peer``).
@@ -26,6 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .train import shape_dimensions
 
@@ -104,7 +106,81 @@ def bench_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def bench_attention(args: argparse.Namespace) -> int:
+    """The cross-attention alone at each shape's decoding size: ``--slots`` rows (0: 256 on CUDA, 8 on a CPU), one
+    query per head over 1 500 frames, bf16 on CUDA (float32 on a CPU). Each form of
+    :func:`~ml_backend.decode_step.one_query_attention`, and on CUDA ``sdpa`` held to each of PyTorch's fused kernels
+    (which one ``sdpa`` picks decides its speed). Prints milliseconds a call, the keys and values read per second if
+    read once (the bound a one-query attention can reach), and the largest difference from float32 attention."""
+    from torch.nn.attention import SDPBackend
+
+    from ml_backend.decode_step import ATTENTION, SERVING_ATTENTION, one_query_attention
+    from ml_backend.whisper import avoid_cudnn_attention
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        avoid_cudnn_attention()  # as serving does: `sdpa` is then PyTorch's choice without cuDNN, `cudnn` asks for it
+    device, dtype = torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32
+    rows = args.slots or (256 if cuda else 8)
+    table: list[dict[str, Any]] = []
+    for shape in args.shape:
+        dims = shape_dimensions(shape)
+        heads, head_dim = dims["decoder_attention_heads"], dims["d_model"] // dims["decoder_attention_heads"]
+        generator = torch.Generator(device=device).manual_seed(0)
+        q = torch.randn(rows, 1, heads, head_dim, device=device, generator=generator).transpose(1, 2) * head_dim**-0.5
+        k, v = (torch.randn(rows, heads, 1500, head_dim, device=device, generator=generator) for _ in range(2))
+        exact = one_query_attention(q[:16], k[:16], v[:16], kind="matmul")
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        gigabytes = 2 * k.numel() * k.element_size() / 1e9
+        forms: list[tuple[str, Callable[[], torch.Tensor]]] = [
+            (kind + (" (serves)" if cuda and kind == SERVING_ATTENTION else ""),
+             functools.partial(one_query_attention, q, k, v, kind=kind)) for kind in ATTENTION]
+        if cuda:
+            for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+                forms.append((f"sdpa held to {name}", functools.partial(_sdpa_held_to, backend, q, k, v)))
+        print(f"\n{shape}: cross-attention of {rows} rows x {heads} heads x 1500 frames x {head_dim}, {dtype}, "
+              f"{gigabytes:.2f} GB of keys and values; device {torch.cuda.get_device_name() if cuda else 'cpu'}")
+        print(f"{'form':28s} {'ms a call':>9s} {'GB/s':>7s} {'max diff':>8s}")
+        for name, call in forms:
+            try:
+                with torch.inference_mode():
+                    out = call()
+                    for _ in range(3):
+                        call()
+                    seconds = _time_calls(call, args.repeats if args.repeats > 1 else 20, cuda)
+            except RuntimeError as exc:  # a kernel that refuses this shape or device is a row saying so
+                print(f"{name:28s} failed ({str(exc)[:200]})")
+                continue
+            diff = (out[:16].float() - exact).abs().max().item()
+            table.append({"shape": shape, "form": name, "ms": 1000 * seconds, "gb_per_s": gigabytes / seconds,
+                          "max_diff": diff})
+            print(f"{name:28s} {1000 * seconds:9.3f} {gigabytes / seconds:7.0f} {diff:8.4f}", flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(table, indent=2))
+    return 0
+
+
+def _sdpa_held_to(backend: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(q, k, v, scale=1.0)
+
+
+def _time_calls(call: Callable[[], torch.Tensor], repeats: int, cuda: bool) -> float:
+    """Seconds a call, the mean of ``repeats`` back-to-back calls."""
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        call()
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
 def _bench_shape(shape: str, args: argparse.Namespace, cuda: bool, earlier: list[ShapeRow]) -> list[ShapeRow]:
+    from ml_backend.decode_step import SERVING_ATTENTION
     from ml_backend.decoding import DecodeRequest, DecodeResult, WhisperDecoder
 
     model = random_whisper(shape, torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32)
@@ -116,7 +192,7 @@ def _bench_shape(shape: str, args: argparse.Namespace, cuda: bool, earlier: list
           f"device {torch.cuda.get_device_name() if cuda else 'cpu'}", flush=True)
     _time_encoder(model, features)
 
-    def ours(graphs: bool, attention: str = "sdpa") -> tuple[int, Callable[..., int]]:
+    def ours(graphs: bool, attention: str = SERVING_ATTENTION) -> tuple[int, Callable[..., int]]:
         decoder = WhisperDecoder(model, special, [], [], slots=args.slots, cuda_graphs=graphs, attention=attention)
 
         def run(n: int = args.windows) -> int:
@@ -145,7 +221,7 @@ def _bench_shape(shape: str, args: argparse.Namespace, cuda: bool, earlier: list
         ("loopscribe, no graphs", lambda: ours(False)),
     ]
     for attention in getattr(args, "attention", None) or []:
-        if attention != "sdpa":
+        if attention != SERVING_ATTENTION:
             variants.append((f"loopscribe, {attention} attention", functools.partial(ours, True, attention)))
     if getattr(args, "peers", True):
         variants.append(("transformers generate",
