@@ -137,14 +137,15 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     paths = stack.StackPaths(settings.home)
     if settings.whisper_model in model_store.BUNDLED:
         model_store.install(settings, settings.whisper_model)
-    print("starting Label Studio (first start runs migrations, about a minute) …", file=sys.stderr)
-    stack.start_label_studio(values, paths)
-    ls = labelstudio.client(settings)
-    labelstudio.check_token(ls, paths.label_studio_data, stack.ENV_FILE)  # before the backend and worker use the key
-    print("starting the ML backend …", file=sys.stderr)
-    stack.start_backend(values, settings, paths)
-    print("starting the worker …", file=sys.stderr)
-    stack.start_worker(values, settings, paths)
+    with stack.stop_on_failure(paths):
+        print("starting Label Studio (first start runs migrations, about a minute) …", file=sys.stderr)
+        stack.start_label_studio(values, paths)
+        ls = labelstudio.client(settings)
+        labelstudio.check_token(ls, paths.label_studio_data, stack.ENV_FILE)  # before the backend and worker use it
+        print("starting the ML backend …", file=sys.stderr)
+        stack.start_backend(values, settings, paths)
+        print("starting the worker …", file=sys.stderr)
+        stack.start_worker(values, settings, paths)
     project = labelstudio.find_or_create_project(ls, DEMO_PROJECT, LABEL_CONFIG.read_text())
     demo = [c.path for c in demo_clips(settings.home / "demo")] + [c.path for c in shared_clips()]
     _import_and_predict(ls, settings, project, demo, "local", args.quiet)

@@ -10,9 +10,12 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,10 +185,41 @@ def _spawn(paths: StackPaths, name: str, cmd: list[str], env: dict[str, str]) ->
     return proc.pid
 
 
+def refuse_taken_port(url: str, setting: str) -> None:
+    """Raise when something already listens on ``url``'s loopback port, before a service of ours is started on it.
+
+    Otherwise the new process dies on the taken port while the health check is answered by whatever holds it
+    (often another home's Label Studio, which then refuses this home's API key)."""
+    address = url.split("://", 1)[-1].split("/")[0]
+    port = int(address.rsplit(":", 1)[-1]) if ":" in address else (443 if url.startswith("https") else 80)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            pass
+    except OSError:
+        return
+    raise EnvironmentProblem(f"port {port} ({setting}={url}) is already taken by another process, perhaps another "
+                             f"checkout's stack: stop it there (loopscribe down) or choose another port for {setting}")
+
+
+@contextmanager
+def stop_on_failure(paths: StackPaths) -> Iterator[None]:
+    """Stop the services started inside the block if it fails: a failed ``up`` leaves nothing of its own running
+    (services that were already running before the block are left alone)."""
+    before = {name for name in SERVICES if running_pid(paths, name) is not None}
+    try:
+        yield
+    except BaseException:
+        stopped = stop(paths, tuple(name for name in SERVICES if name not in before))
+        if stopped:
+            print("start-up failed; stopped what it had started: " + ", ".join(stopped), file=sys.stderr)
+        raise
+
+
 def start_label_studio(values: dict[str, str], paths: StackPaths, timeout: float = 300) -> int:
     url = values["LABEL_STUDIO_URL"]
     pid = running_pid(paths, "label-studio")
     if pid is None:
+        refuse_taken_port(url, "LABEL_STUDIO_URL")
         binary = LS_VENV / "bin" / "label-studio"
         if not binary.exists():
             raise EnvironmentProblem(f"Label Studio is not installed at {LS_VENV} (run ./scripts/setup)")
@@ -214,6 +248,7 @@ def start_backend(values: dict[str, str], settings: Settings, paths: StackPaths,
                "loopscribe.wsgi:app"]
         pid = _spawn(paths, "ml-backend", cmd, backend_environment(values, settings))
     if running_pid(paths, "proxy") is None:
+        refuse_taken_port(url, "BACKEND_URL")
         listen = url.split("://", 1)[-1].split("/")[0]
         conf = proxy.write_local_config(settings, listen=listen, upstream=f"unix:{sock}", run_dir=paths.run)
         cmd = [proxy.nginx_binary(), "-p", str(paths.run / "nginx"), "-c", str(conf),
