@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 from dotenv import dotenv_values
@@ -185,13 +186,18 @@ def _spawn(paths: StackPaths, name: str, cmd: list[str], env: dict[str, str]) ->
     return proc.pid
 
 
+def url_port(url: str) -> int:
+    """The TCP port a service URL names (the scheme's default when it names none)."""
+    parts = urlsplit(url)
+    return parts.port or (443 if parts.scheme == "https" else 80)
+
+
 def refuse_taken_port(url: str, setting: str) -> None:
     """Raise when something already listens on ``url``'s loopback port, before a service of ours is started on it.
 
     Otherwise the new process dies on the taken port while the health check is answered by whatever holds it
     (often another home's Label Studio, which then refuses this home's API key)."""
-    address = url.split("://", 1)[-1].split("/")[0]
-    port = int(address.rsplit(":", 1)[-1]) if ":" in address else (443 if url.startswith("https") else 80)
+    port = url_port(url)
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1):
             pass
@@ -224,8 +230,7 @@ def start_label_studio(values: dict[str, str], paths: StackPaths, timeout: float
         if not binary.exists():
             raise EnvironmentProblem(f"Label Studio is not installed at {LS_VENV} (run ./scripts/setup)")
         paths.media.mkdir(parents=True, exist_ok=True)
-        port = url.rsplit(":", 1)[-1].split("/")[0]
-        cmd = [str(binary), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", port]
+        cmd = [str(binary), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(url_port(url))]
         pid = _spawn(paths, "label-studio", cmd, label_studio_environment(values, paths))
     wait_healthy(f"{url}/health", timeout, pid, paths.log_file("label-studio"))
     return pid
