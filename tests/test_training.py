@@ -278,6 +278,31 @@ def test_training_with_spec_augment_sees_masked_features(settings, tmp_path, cli
     assert loss(encoder_layers=2, spec_augment=True) == pytest.approx(loss(encoder_layers=2), rel=1e-4)
 
 
+def test_a_step_limit_ends_training_mid_epoch_and_sizes_the_schedule(settings, tmp_path, clip, transcripts,
+                                                                     base_whisper):
+    """TRAIN_MAX_STEPS bounds a job however many corrections the project has: 4 utterances, batch 1, 3 epochs
+    would be 12 steps; with a limit of 5 training stops after the first step of the second epoch, and the
+    progress (and so the learning-rate schedule) counts to 5, not 12."""
+    from ml_backend.errors import ConfigurationError
+    from ml_backend.settings import Settings
+    from training.lora import train_lora
+
+    assert Settings.from_env({"TRAIN_MAX_STEPS": "40"}).train_max_steps == 40
+    with pytest.raises(ConfigurationError, match="TRAIN_MAX_STEPS"):
+        Settings.from_env({"TRAIN_MAX_STEPS": "-1"})
+    path, _ = base_whisper
+    names = ["jfk_en.flac", "one_two_three_en.wav"]
+    examples = [Example(task=i, audio=clip(n)[: 30 * 16000], text=transcripts[n]["text"],
+                        language=transcripts[n]["language"]) for i, n in enumerate(names * 2)]
+    args = LoraArguments.from_settings(replace(settings, train_max_steps=5), epochs=3, batch_size=1, device="cpu",
+                                       encoder=False)
+    assert args.max_steps == 5
+    seen: list[tuple[int, int]] = []
+    result = train_lora(path, examples, args, tmp_path / "adapter", progress=False,
+                        on_step=lambda p: seen.append((p.step, p.total_steps)))
+    assert result.steps == 5 and seen == [(step, 5) for step in range(1, 6)]
+
+
 def test_the_encoder_layer_count_is_checked_when_read():
     from ml_backend.errors import ConfigurationError
     from ml_backend.settings import Settings

@@ -61,6 +61,7 @@ class LoraArguments:
     encoder_layers: int = 0  # with encoder: adapt only the top N encoder layers, cache the rest; 0: all
     spec_augment: bool = False  # mask mel bands and time spans of each utterance at each step (whole encoder only)
     epochs: int = 5
+    max_steps: int = 0  # stop after this many optimizer steps, mid-epoch if need be; 0: all the epochs
     learning_rate: float = 1e-3
     batch_size: int = 8
     warmup_ratio: float = 0.1
@@ -74,8 +75,9 @@ class LoraArguments:
         args = cls(r=settings.lora_r, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
                    target_modules=settings.lora_target_modules, encoder=settings.lora_encoder,
                    encoder_layers=settings.lora_encoder_layers, spec_augment=settings.train_spec_augment,
-                   epochs=settings.train_epochs, learning_rate=settings.train_learning_rate,
-                   batch_size=settings.train_batch_size, device=settings.device, dtype=settings.dtype)
+                   epochs=settings.train_epochs, max_steps=settings.train_max_steps,
+                   learning_rate=settings.train_learning_rate, batch_size=settings.train_batch_size,
+                   device=settings.device, dtype=settings.dtype)
         return replace(args, **{k: v for k, v in overrides.items() if v is not None})
 
     def to_dict(self) -> dict:
@@ -272,6 +274,8 @@ def train_lora(
     sequences = [target_tokens(tokenizer, special, ex, timestamps=(ex.task % 2 == 0)) for ex in examples]
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
                                   weight_decay=args.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(total_steps * args.warmup_ratio), total_steps)
@@ -339,6 +343,8 @@ def train_lora(
     for _ in range(args.epochs):
         random.shuffle(order)
         for start in range(0, len(order), args.batch_size):
+            if step == total_steps:
+                break
             batch = shard(order[start : start + args.batch_size], rank, world)
             encoded = encode(batch)
             inputs, labels = decoder_batch(batch)

@@ -662,7 +662,8 @@ def bench_loop(args: argparse.Namespace, settings: Settings) -> int:
         heldout_examples = [Example(-(i + 1), load(c.path), c.text, c.language) for i, c in enumerate(heldout)]
         print(f"seed {seed}: pool {len(pool)} clips, held-out {len(heldout)} clips ({source}); {args.rounds} rounds "
               f"of k={args.k}; LoRA r={settings.lora_r} lr={settings.train_learning_rate} "
-              f"epochs={settings.train_epochs} on {','.join(settings.lora_target_modules)} "
+              f"epochs={settings.train_epochs} max steps={settings.train_max_steps or 'none'} "
+              f"on {','.join(settings.lora_target_modules)} "
               f"encoder={settings.lora_encoder} encoder layers={settings.lora_encoder_layers or 'all'}", flush=True)
         curves += [run_strategy(s, args, settings, ls, base_engine, pool, heldout_examples, media, seed)
                    for s in args.strategy or STRATEGIES]
