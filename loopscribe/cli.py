@@ -13,7 +13,7 @@
     loopscribe up | down | status [--json]
     loopscribe import --project N [--storage local|upload] PATH...
     loopscribe predict --project N [--all|--missing] [--queue [--shard-size N] [--wait]]
-    loopscribe train --project N [--epochs E] [--wait]
+    loopscribe train --project N [--epochs E] [--max-steps S] [--wait]
     loopscribe models list | show V | promote V | rollback [--to V]
     loopscribe project create --title T [--config XML]
     loopscribe config [--markdown | --env-example]
@@ -288,7 +288,8 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
     from . import jobs
 
-    params = {k: v for k, v in (("epochs", args.epochs), ("learning_rate", args.learning_rate)) if v is not None}
+    params = {k: v for k, v in (("epochs", args.epochs), ("max_steps", args.max_steps),
+                                ("learning_rate", args.learning_rate)) if v is not None}
     job, created = jobs.request_training(settings, args.project, "cli", params)
     print(f"{'queued' if created else 'already queued or running'}: training job {job.id} for project {args.project}")
     if not args.wait:
@@ -681,7 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="queue a LoRA retraining job for a project now (the worker runs it)")
     p.add_argument("--project", type=int, required=True)
-    p.add_argument("--epochs", type=int, help="override TRAIN_EPOCHS for this job")
+    p.add_argument("--epochs", type=int, help="override TRAIN_EPOCHS for this job (TRAIN_MAX_STEPS still applies)")
+    p.add_argument("--max-steps", type=int, help="override TRAIN_MAX_STEPS for this job (0: no limit)")
     p.add_argument("--learning-rate", type=float, help="override TRAIN_LEARNING_RATE for this job")
     p.add_argument("--wait", action="store_true", help="follow the job until it ends")
     p.set_defaults(func=cmd_train)

@@ -88,3 +88,24 @@ def test_bench_engine_offers_every_attention_the_decoder_step_has():
 
     for kind in ATTENTION:
         assert build_parser().parse_args(["bench", "engine", "--attention", kind]).attention == [kind]
+
+
+def test_train_passes_its_overrides_to_the_job(tmp_path, settings, monkeypatch):
+    """`loopscribe train --max-steps 0 --epochs 5` queues a job whose params lift the step limit and set the
+    epochs; the training round reads exactly those into its LoRA arguments."""
+    from dataclasses import replace
+
+    from loopscribe import jobs
+    from loopscribe.cli import build_parser
+    from ml_backend.ledger import Ledger
+    from training.lora import LoraArguments
+
+    queued: list[int] = []
+    monkeypatch.setattr(jobs, "enqueue_training_job", queued.append)
+    s = replace(settings, home=tmp_path)
+    args = build_parser().parse_args(["train", "--project", "7", "--max-steps", "0", "--epochs", "5"])
+    assert args.func(args, s) == 0
+    job = Ledger(s.ledger_url).jobs.get(queued[0])
+    assert job is not None and job.project == 7 and job.params == {"epochs": 5, "max_steps": 0}
+    lora = LoraArguments.from_settings(s, **job.params)
+    assert (lora.epochs, lora.max_steps) == (5, 0)

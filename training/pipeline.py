@@ -195,8 +195,8 @@ def run_training(
 
     base = resolve_base(settings)
     live = live_model(settings, project)  # the gate compares against what serves this project now
-    args = LoraArguments.from_settings(settings, **{k: params[k] for k in ("epochs", "learning_rate", "r", "alpha")
-                                                     if k in params})
+    overridable = ("epochs", "max_steps", "learning_rate", "r", "alpha")  # what a job's params may change
+    args = LoraArguments.from_settings(settings, **{k: params[k] for k in overridable if k in params})
     work = Path(tempfile.mkdtemp(prefix="train-", dir=settings.home))
     try:
         on_progress(stage="training", step=0)
