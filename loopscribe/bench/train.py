@@ -132,7 +132,7 @@ def bench_one(model_path: str, label: str, args: argparse.Namespace, settings: S
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)
     encoder = args.encoder or encoder_layers is not None
     lora = LoraArguments.from_settings(settings, batch_size=args.batch_size, encoder=encoder,
-                                       encoder_layers=encoder_layers or 0,
+                                       encoder_layers=encoder_layers or 0, max_steps=0,  # --steps decides
                                        epochs=max(1, math.ceil(args.steps / steps_per_epoch)))
     stamps: list[float] = []
     with tempfile.TemporaryDirectory(prefix="bench-train-") as out:
