@@ -193,6 +193,9 @@ class Settings:
                                    "and on real accented speech 40 learned as much as no limit, in 0.6x the time at "
                                    "200 annotations (README, Benchmarks); 0: no limit",
                                    parse=_count, group="training")
+    train_warm_start: bool = setting(False, "TRAIN_WARM_START", "start each job's adapter from the project's live "
+                                     "adapter (same rank and modules) instead of a fresh one; it still trains on "
+                                     "all the corrections", group="training")
     train_spec_augment: bool = setting(False, "TRAIN_SPEC_AUGMENT", "mask two random mel bands and two short time "
                                        "spans of every training utterance at every step (SpecAugment); only where the "
                                        "whole encoder trains (LORA_ENCODER=1, all layers)", group="training")

@@ -303,6 +303,38 @@ def test_a_step_limit_ends_training_mid_epoch_and_sizes_the_schedule(settings, t
     assert result.steps == 5 and seen == [(step, 5) for step in range(1, 6)]
 
 
+def test_a_warm_start_begins_as_the_saved_adapter_and_refuses_one_that_does_not_fit(settings, tmp_path, clip,
+                                                                                    transcripts, base_whisper):
+    """TRAIN_WARM_START: at learning rate 0 a warm-started job saves exactly the adapter it began as (a trained,
+    non-zero one), a fresh one saves LoRA's zero update; an adapter of another rank is not loaded."""
+    from safetensors.torch import load_file
+
+    from training.lora import train_lora
+
+    path, _ = base_whisper
+    name = "jfk_en.flac"
+    examples = [Example(task=0, audio=clip(name)[: 10 * 16000], text=transcripts[name]["text"],
+                        language=transcripts[name]["language"])]
+    args = LoraArguments.from_settings(settings, epochs=1, batch_size=1, device="cpu", encoder=False)
+
+    def weights(adapter) -> dict:
+        return load_file(str(adapter / "adapter_model.safetensors"))
+
+    trained = train_lora(path, examples, args, tmp_path / "trained", progress=False)
+    assert not trained.warm_started and any(t.abs().sum() > 0 for k, t in weights(trained.adapter_dir).items()
+                                            if ".lora_B." in k)
+    still = replace(args, learning_rate=0.0)
+    warm = train_lora(path, examples, replace(still, init_adapter=str(trained.adapter_dir)), tmp_path / "warm",
+                      progress=False)
+    assert warm.warm_started
+    before, after = weights(trained.adapter_dir), weights(warm.adapter_dir)
+    assert before.keys() == after.keys() and all(before[k].equal(after[k]) for k in before)
+    fresh = train_lora(path, examples, still, tmp_path / "fresh", progress=False)
+    assert all(t.abs().sum() == 0 for k, t in weights(fresh.adapter_dir).items() if ".lora_B." in k)
+    other_rank = replace(still, r=8, alpha=16, init_adapter=str(trained.adapter_dir))
+    assert not train_lora(path, examples, other_rank, tmp_path / "other", progress=False).warm_started
+
+
 def test_the_encoder_layer_count_is_checked_when_read():
     from ml_backend.errors import ConfigurationError
     from ml_backend.settings import Settings

@@ -60,6 +60,7 @@ class LoraArguments:
     encoder: bool = False
     encoder_layers: int = 0  # with encoder: adapt only the top N encoder layers, cache the rest; 0: all
     spec_augment: bool = False  # mask mel bands and time spans of each utterance at each step (whole encoder only)
+    init_adapter: str | None = None  # start from this saved adapter's weights (the live one) instead of fresh ones
     epochs: int = 5
     max_steps: int = 0  # stop after this many optimizer steps, mid-epoch if need be; 0: all the epochs
     learning_rate: float = 1e-3
@@ -101,6 +102,7 @@ class TrainResult:
     parameters: int = 0
     trainable_parameters: int = 0
     processes: int = 1  # data-parallel training processes (accelerate / DDP)
+    warm_started: bool = False  # began from ``LoraArguments.init_adapter`` (False: it did not fit, or none given)
 
 
 @dataclass
@@ -258,6 +260,7 @@ def train_lora(
 
     with quiet_peft():
         model = get_peft_model(model, lora_config(args, model.config.encoder_layers))
+    warm_started = args.init_adapter is not None and warm_start(model, Path(args.init_adapter), args)
     if device == "cuda":
         avoid_cudnn_attention()  # variable-length batches: a cuDNN plan per shape made epoch 1 2.9x slower
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -377,7 +380,36 @@ def train_lora(
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     return TrainResult(out_dir, step, float(smoothed if smoothed is not None else loss_value),
                        time.perf_counter() - started, len(examples), str(accelerator.device), peak,
-                       parameters, trainable, world)
+                       parameters, trainable, world, warm_started)
+
+
+def warm_start(model, adapter_dir: Path, args: LoraArguments) -> bool:
+    """Copy the weights of the adapter saved at ``adapter_dir`` into ``model``'s fresh one, when they fit.
+
+    They fit when the saved adapter has the same rank and scaling and adapts the same modules (tensor names and
+    shapes); otherwise (the recipe changed since it was trained) this says why and the adapter stays fresh.
+    Why start there: the job then refines the model that serves, so candidate and live model differ by what the
+    new corrections taught, and the gate's paired comparison sees that difference instead of two adapters'
+    independent noise.
+    """
+    import json
+
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    saved = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    fresh = get_peft_model_state_dict(model)
+    if (config.get("r"), config.get("lora_alpha")) != (args.r, args.alpha):
+        why = f"it has r={config.get('r')} alpha={config.get('lora_alpha')}, this job r={args.r} alpha={args.alpha}"
+    elif saved.keys() != fresh.keys() or any(saved[k].shape != fresh[k].shape for k in saved):
+        why = "it adapts other modules than this job's"
+    else:
+        set_peft_model_state_dict(model, saved)
+        log.info("warm start: the adapter begins as %s", adapter_dir)
+        return True
+    log.warning("not starting from the adapter at %s: %s; training a fresh one", adapter_dir, why)
+    return False
 
 
 def scale_adapter(adapter_dir: Path, out_dir: Path, strength: float) -> Path:

@@ -1,7 +1,8 @@
 """One retraining round: Label Studio export → frozen split → LoRA → held-out WER gate → registry.
 
-Every round trains a fresh adapter on the base model from *all* annotated training data
-so far (corrections and verified accepts), so earlier corrections are never forgotten;
+Every round trains an adapter on the base model from *all* annotated training data so far
+(corrections and verified accepts), so earlier corrections are never forgotten: a fresh one, or
+with ``TRAIN_WARM_START`` one that begins as the live model's adapter;
 ``parent`` records which version was live when it was trained. The candidate goes live
 only if it beats the live model on the frozen held-out split by ``PROMOTE_MIN_GAIN``.
 """
@@ -197,6 +198,8 @@ def run_training(
     live = live_model(settings, project)  # the gate compares against what serves this project now
     overridable = ("epochs", "max_steps", "learning_rate", "r", "alpha")  # what a job's params may change
     args = LoraArguments.from_settings(settings, **{k: params[k] for k in overridable if k in params})
+    if settings.train_warm_start and live.resolved.adapter:  # refine what serves (training.lora.warm_start)
+        args = replace(args, init_adapter=live.resolved.adapter)
     work = Path(tempfile.mkdtemp(prefix="train-", dir=settings.home))
     try:
         on_progress(stage="training", step=0)
@@ -224,6 +227,7 @@ def run_training(
             train_size=len(train), heldout_size=len(heldout),
             error_before=before.error_rate, error_after=after.error_rate,
             params=args.to_dict() | {"strength": verdict.strength, "steps": result.steps,
+                                     "warm_start": live.registry_version if result.warm_started else None,
                                      "final_loss": result.final_loss,
                                      "train_seconds": round(result.seconds, 1), "device": result.device,
                                      "peak_memory_mb": result.peak_memory_mb},
