@@ -161,6 +161,21 @@ def judge(settings: Settings, live_engine: Transcriber, candidate: ResolvedModel
     return Verdict(replace(retried, reason=reason), shrunk, shrunk_engine, before, shrunk_after, strength, decision)
 
 
+JOB_OVERRIDES = ("epochs", "max_steps", "learning_rate", "r", "alpha")  # what a job's params may change
+
+
+def training_arguments(settings: Settings, live_adapter: str | None, params: dict | None = None,
+                       **fixed) -> LoraArguments:
+    """A job's LoRA arguments: the settings, the job's overrides, and where its adapter begins: with
+    ``TRAIN_WARM_START``, as the live model's adapter ``live_adapter`` if it has one (:func:`training.lora.warm_start`).
+    """
+    params = params or {}
+    args = LoraArguments.from_settings(settings, **{k: params[k] for k in JOB_OVERRIDES if k in params}, **fixed)
+    if settings.train_warm_start and live_adapter:
+        args = replace(args, init_adapter=live_adapter)
+    return args
+
+
 def run_training(
     settings: Settings,
     ls,
@@ -196,10 +211,7 @@ def run_training(
 
     base = resolve_base(settings)
     live = live_model(settings, project)  # the gate compares against what serves this project now
-    overridable = ("epochs", "max_steps", "learning_rate", "r", "alpha")  # what a job's params may change
-    args = LoraArguments.from_settings(settings, **{k: params[k] for k in overridable if k in params})
-    if settings.train_warm_start and live.resolved.adapter:  # refine what serves (training.lora.warm_start)
-        args = replace(args, init_adapter=live.resolved.adapter)
+    args = training_arguments(settings, live.resolved.adapter, params)
     work = Path(tempfile.mkdtemp(prefix="train-", dir=settings.home))
     try:
         on_progress(stage="training", step=0)

@@ -254,8 +254,8 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
     from training import gate
     from training.dataset import Example
     from training.evaluate import evaluate
-    from training.lora import LoraArguments, train_lora
-    from training.pipeline import gate_options, judge, regression_check
+    from training.lora import train_lora
+    from training.pipeline import gate_options, judge, regression_check, training_arguments
 
     from .. import labelstudio
 
@@ -281,6 +281,7 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
         labelstudio.predict_project(ls, settings, project, base_engine, progress=False)  # content-hash cache: fast
         live_report = evaluate(base_engine, heldout_examples, served)
         live_error, live_engine = live_report.error_rate, None
+        live_adapter: str | None = None  # the promoted adapter a warm start begins from (TRAIN_WARM_START)
         curve.wrong_language.append(wrong_language(live_report))
         forced_first = forced_error(base_engine, live_report) if args.force_language else None
         curve.points.append((0, live_error))
@@ -326,7 +327,7 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
                 curve.gate_power.append(None)
                 curve.points.append((len(train) + len(held), live_error))
                 continue
-            args_ = LoraArguments.from_settings(settings, seed=seed)
+            args_ = training_arguments(settings, live_adapter, seed=seed)
             result = train_lora(base.path, train, args_, work / f"{round_}", progress=False)
             candidate = replace(base, version=f"{base.version}-bench-{strategy}-{seed}-{round_}",
                                 adapter=str(result.adapter_dir), base_version=base.version)
@@ -373,6 +374,7 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
             curve.gate_items.append(len(held))
             if promoted:
                 live_report, live_error, live_engine = report, report.error_rate, engine
+                live_adapter = verdict.candidate.adapter
             curve.points.append((len(train) + len(held), live_error))
             vocab_share = sum(c.path.name.startswith("domain_") for c in chosen)
             picks = "" if args.corpus else f"{vocab_share}/{len(chosen)} picks had invented names; "
@@ -385,7 +387,8 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
                        else ""))
             print(f"  {strategy:8s} seed {seed} round {round_}: {len(train)} trained + {len(held)} held out, "
                   f"candidate {report.error_rate:.3f}{also} {outcome} (large set: {independent}), live "
-                  f"{live_error:.3f} ({picks}{result.steps} steps {result.seconds:.0f} s)", flush=True)
+                  f"{live_error:.3f} ({picks}{result.steps} steps {result.seconds:.0f} s"
+                  f"{', from the live adapter' if result.warm_started else ''})", flush=True)
             power = curve.gate_power[-1]
             print(f"    gate: {curve.gate_evidence[-1]}"
                   + (f"; {len(held)} of the large set's utterances, drawn at random, promote it in {power:.0%} "
@@ -674,7 +677,8 @@ def bench_loop(args: argparse.Namespace, settings: Settings) -> int:
     plot(curves, out / "loop.png")
     from training.lora import LoraArguments
 
-    summary["recipe"] = LoraArguments.from_settings(settings).to_dict()  # what was trained, beside what it gave
+    # what was trained, beside what it gave
+    summary["recipe"] = LoraArguments.from_settings(settings).to_dict() | {"warm_start": settings.train_warm_start}
     (out / "loop.json").write_text(json.dumps(summary, indent=1))
     print(f"\nplot: {out / 'loop.png'}   data: {out / 'loop.json'}")
     return 0
