@@ -98,6 +98,18 @@ def test_lora_arguments_come_from_settings(settings):
     assert (args.r, args.epochs, args.learning_rate, args.spec_augment) == (8, 7, s.train_learning_rate, True)
 
 
+def test_a_job_warm_starts_from_the_live_adapter_only_when_asked_and_there_is_one(settings):
+    from training.pipeline import training_arguments
+
+    job = {"epochs": 9, "max_steps": 0, "device": "cuda"}  # a job may not change where training runs
+    assert training_arguments(settings, "/registry/v1/adapter", job).init_adapter is None  # TRAIN_WARM_START=0
+    warm = replace(settings, train_warm_start=True)
+    args = training_arguments(warm, "/registry/v1/adapter", job, seed=3)
+    assert (args.init_adapter, args.epochs, args.max_steps, args.device, args.seed) == (
+        "/registry/v1/adapter", 9, 0, settings.device, 3)
+    assert training_arguments(warm, None).init_adapter is None  # the base serves: a fresh adapter
+
+
 def test_recovery_requeues_a_job_whose_worker_died_then_fails_it(tmp_path, settings, monkeypatch):
     from loopscribe import jobs
 
