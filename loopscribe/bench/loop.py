@@ -281,7 +281,6 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
         labelstudio.predict_project(ls, settings, project, base_engine, progress=False)  # content-hash cache: fast
         live_report = evaluate(base_engine, heldout_examples, served)
         live_error, live_engine = live_report.error_rate, None
-        live_adapter: str | None = None  # the promoted adapter a warm start begins from (TRAIN_WARM_START)
         curve.wrong_language.append(wrong_language(live_report))
         forced_first = forced_error(base_engine, live_report) if args.force_language else None
         curve.points.append((0, live_error))
@@ -327,6 +326,7 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
                 curve.gate_power.append(None)
                 curve.points.append((len(train) + len(held), live_error))
                 continue
+            live_adapter = live_engine.resolved.adapter if live_engine else None  # what a warm start begins as
             args_ = training_arguments(settings, live_adapter, seed=seed)
             result = train_lora(base.path, train, args_, work / f"{round_}", progress=False)
             candidate = replace(base, version=f"{base.version}-bench-{strategy}-{seed}-{round_}",
@@ -374,7 +374,6 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
             curve.gate_items.append(len(held))
             if promoted:
                 live_report, live_error, live_engine = report, report.error_rate, engine
-                live_adapter = verdict.candidate.adapter
             curve.points.append((len(train) + len(held), live_error))
             vocab_share = sum(c.path.name.startswith("domain_") for c in chosen)
             picks = "" if args.corpus else f"{vocab_share}/{len(chosen)} picks had invented names; "
