@@ -586,6 +586,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="where loop.png and loop.json go")
     p.add_argument("--keep", action="store_true", help="keep the scratch projects")
     p.set_defaults(func=cmd_bench)
+    p = bench.add_parser("recipe", help="LoRA recipes trained on the same real utterances, scored on the same "
+                                        "held-out speakers (no stack; paired, without the loop's noise)")
+    p.add_argument("--corpus", type=Path, required=True, help="real recordings in one language, see bench corpus")
+    p.add_argument("--recipe", action="append", help="NAME:key=value;key=value, fields of "
+                   "LoraArguments (lists joined with +), e.g. 'lr2e-3:learning_rate=0.002' or "
+                   "'attention:target_modules=q_proj+k_proj+v_proj+out_proj'; repeatable; the first is the "
+                   "reference (default: the settings' own recipe, named default)")
+    p.add_argument("--seed", type=int, default=0, help="first seed (split, pool and training)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds to run")
+    p.add_argument("--pool", type=int, default=240, help="pool utterances, as bench loop --pool")
+    p.add_argument("--train", type=int, default=70, help="the least confident pool utterances each recipe trains "
+                   "on (70: what the first job of 100 annotations trains on after the 30-task gate sample)")
+    p.add_argument("--heldout", type=int, default=60, help="held-out utterances (other speakers)")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="where recipe.json goes")
+    p.set_defaults(func=cmd_bench)
     p = bench.add_parser("corpus", help="write a real-speech corpus folder for bench loop --corpus (train split)")
     p.add_argument("name", choices=("speechocean762",))
     p.add_argument("--repo", type=Path, required=True, help="a local git copy of jimbozhang/speechocean762")

@@ -250,3 +250,37 @@ def test_bench_attention_times_every_form_of_the_cross_attention(tmp_path, setti
     assert [r["form"] for r in rows] == list(ATTENTION)  # on a CPU: no fused-kernel rows, nothing marked serving
     assert all(r["ms"] > 0 and r["gb_per_s"] > 0 and r["max_diff"] < 1e-4 for r in rows)
     assert "cross-attention of 2 rows x 8 heads x 1500 frames x 64" in capsys.readouterr().out
+
+
+def test_a_recipe_names_the_lora_arguments_it_changes_and_refuses_others():
+    import argparse
+
+    from loopscribe.bench.recipe import parse_recipe
+
+    recipe = parse_recipe("attention:target_modules=q_proj+k_proj+v_proj;learning_rate=2e-3;encoder=0;r=8")
+    assert recipe.name == "attention"
+    assert recipe.overrides == {"target_modules": ("q_proj", "k_proj", "v_proj"), "learning_rate": 0.002,
+                                "encoder": False, "r": 8}
+    assert parse_recipe("default").overrides == {}
+    for bad in ("x:device=cpu", "x:lr=1", "x:r=eight", ":r=8", "x:r"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_recipe(bad)
+
+
+def test_recipes_are_compared_with_the_first_per_seed_and_per_utterance(capsys):
+    from loopscribe.bench.recipe import Recipe, Run, summarize
+
+    def run(recipe, seed, errors):
+        return Run(recipe, seed, sum(errors) / 20, 0.5, (0.07, 0.08), 30, 300.0, 0.4,
+                   [(e, 4) for e in errors])
+
+    same, fewer = [2, 1, 3, 0, 2], [1, 0, 2, 0, 1]
+    runs = [run("default", 0, same), run("default", 1, same), run("better", 0, fewer), run("better", 1, fewer)]
+    summary = summarize(runs, [Recipe("default"), Recipe("better", {"learning_rate": 0.002})], 0.95)
+    better = summary["recipes"]["better"]
+    assert summary["seeds"] == [0, 1] and better["overrides"] == {"learning_rate": 0.002}
+    assert better["vs_reference"][0] == pytest.approx(-0.2)  # 4 fewer errors in 20 words, on both seeds
+    assert better["vs_reference_pooled"]["improved"] == 8 and better["vs_reference_pooled"]["worsened"] == 0
+    assert better["drops"] == [pytest.approx(0.6)] * 2  # 0.5 → 0.2
+    assert summary["recipes"]["default"]["vs_reference"][0] == 0
+    assert "better" in capsys.readouterr().out

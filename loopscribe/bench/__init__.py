@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "train": ("train", "bench_train"),
     "uncertainty": ("uncertainty", "bench_uncertainty"),
     "loop": ("loop", "bench_loop"),
+    "recipe": ("recipe", "bench_recipe"),
     "corpus": ("corpus", "bench_corpus"),
     "adapters": ("adapters", "bench_adapters"),
     "words": ("words", "bench_words"),

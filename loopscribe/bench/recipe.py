@@ -1,0 +1,215 @@
+"""``loopscribe bench recipe``: training recipes compared on the same utterances, without the loop's noise.
+
+``bench loop`` measures the whole product, but two runs of it differ by more than most recipe changes:
+every run makes new Label Studio projects, so the hash holds out other tasks, the first round trains on
+other utterances and the gate decides on others (one seed's live model after 200 annotations has been
+0 % and 34 % better in two runs). This benchmark holds all of that still and runs without the stack.
+Per seed it draws the same speaker-disjoint split as ``bench loop --corpus``, takes the ``--train`` pool
+utterances the base model is least sure of (what ``/next`` serves after its gate sample), trains one
+adapter per recipe on exactly those with the product's training function, and scores every adapter on
+the same held-out speakers (language forced, so it is learning, not language fixing) and on the
+general-speech regression set. Recipes are compared with the first one per utterance (the gate's paired
+bootstrap, pooled over seeds) and per seed. A recipe that changes only the training seed (``seed=…``)
+shows how much training randomness alone moves a figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ml_backend.settings import Settings
+
+from ..demo import load
+from ..paths import default_regression_audio
+from .loop import corpus_split, mean_interval
+
+FIXED = ("device", "dtype", "init_adapter")  # not a recipe's to change: the machine's, or a live model's
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A name and the :class:`training.lora.LoraArguments` it changes from the settings' own."""
+
+    name: str
+    overrides: dict[str, object] = field(default_factory=dict)
+
+
+def parse_recipe(text: str) -> Recipe:
+    """``NAME`` or ``NAME:key=value;key=value`` (LoraArguments fields; lists joined with ``+``)."""
+    from training.lora import LoraArguments
+
+    name, _, spec = text.partition(":")
+    defaults = LoraArguments()
+    known = {f.name for f in dataclasses.fields(LoraArguments)} - set(FIXED)
+    overrides: dict[str, object] = {}
+    for pair in filter(None, spec.split(";")):
+        key, sep, raw = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in known:
+            raise argparse.ArgumentTypeError(f"recipe {name!r}: {pair!r} is not key=value with a key of "
+                                             f"{', '.join(sorted(known))}")
+        current = getattr(defaults, key)
+        try:
+            if isinstance(current, bool):
+                value: object = raw.strip().lower() in ("1", "true", "yes", "on")
+            elif isinstance(current, tuple):
+                value = tuple(v for v in raw.split("+") if v)
+            else:
+                value = type(current)(raw)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"recipe {name!r}: {key}={raw!r}: {exc}") from exc
+        overrides[key] = value
+    if not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: a recipe needs a name")
+    return Recipe(name, overrides)
+
+
+@dataclass
+class Run:
+    """One recipe trained and scored on one seed's utterances."""
+
+    recipe: str
+    seed: int
+    error: float  # held-out speakers, language forced
+    base_error: float
+    general: tuple[float, float] | None  # regression set: base, this adapter
+    steps: int
+    seconds: float
+    final_loss: float
+    counts: list[tuple[int, int]] = field(repr=False, default_factory=list)  # (errors, words) per utterance
+
+    @property
+    def drop(self) -> float:
+        """Relative error drop from the base model (0.25: a quarter fewer errors)."""
+        return 1 - self.error / self.base_error if self.base_error else 0.0
+
+
+def least_confident(engine, clips, options, n: int) -> list[int]:
+    """Indices of the ``n`` clips the model is least sure of: the order ``/next`` serves them in."""
+    hyps = engine.transcribe([load(c.path) for c in clips], options)
+    return sorted(range(len(clips)), key=lambda i: hyps[i].confidence)[:n]
+
+
+def run_seed(args: argparse.Namespace, settings: Settings, base_engine, language: str, seed: int) -> list[Run]:
+    from ml_backend.engine import WhisperEngine
+    from ml_backend.model_store import resolve_base
+    from ml_backend.transcription import TranscribeOptions
+    from training.dataset import Example
+    from training.evaluate import evaluate
+    from training.lora import LoraArguments, train_lora
+    from training.pipeline import regression_check
+
+    pool, heldout = corpus_split(args.corpus, seed, args.pool, args.heldout)
+    forced = TranscribeOptions(language=language, word_timestamps=False)
+    picked = least_confident(base_engine, pool, forced, args.train)
+    train = [Example(i, load(pool[i].path), pool[i].text, pool[i].language) for i in picked]
+    heldout_examples = [Example(-(i + 1), load(c.path), c.text, c.language) for i, c in enumerate(heldout)]
+    base_report = evaluate(base_engine, heldout_examples, forced)
+    print(f"seed {seed}: {len(train)} least confident of a pool of {len(pool)} to train on, {len(heldout)} "
+          f"held-out utterances of other speakers; base {base_report.error_rate:.3f} ({language} forced)", flush=True)
+    base = resolve_base(settings)
+    work = Path(tempfile.mkdtemp(prefix="bench-recipe-", dir=settings.home))
+    runs = []
+    try:
+        for recipe in args.recipe:
+            lora = replace(LoraArguments.from_settings(settings, seed=seed), **recipe.overrides)
+            result = train_lora(base.path, train, lora, work / recipe.name, progress=False)
+            candidate = replace(base, version=f"{base.version}-recipe-{recipe.name}-{seed}",
+                                adapter=str(result.adapter_dir), base_version=base.version)
+            engine = WhisperEngine(settings, resolved=candidate)
+            report = evaluate(engine, heldout_examples, forced)
+            general = regression_check(settings, base_engine, engine, forced)
+            run = Run(recipe.name, seed, report.error_rate, base_report.error_rate,
+                      (general.live_error, general.candidate_error) if general else None,
+                      result.steps, result.seconds, result.final_loss, report.counts())
+            runs.append(run)
+            print(f"  {recipe.name:14s} {run.error:.3f} ({-run.drop:+.1%})"
+                  + (f", general speech {run.general[0]:.3f} → {run.general[1]:.3f}" if run.general else "")
+                  + f"; {run.steps} steps in {run.seconds:.0f} s, final loss {run.final_loss:.3f}", flush=True)
+            del engine
+            gc.collect()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return runs
+
+
+def summarize(runs: list[Run], recipes: list[Recipe], confidence: float) -> dict:
+    """Per recipe: mean over seeds with a 95 % interval; against the first recipe: paired per seed and per
+    utterance (the gate's bootstrap over every seed's held-out utterances together)."""
+    from training import gate
+
+    reference = recipes[0].name
+    by = {(r.recipe, r.seed): r for r in runs}
+    seeds = sorted({r.seed for r in runs})
+    rows = {}
+    print(f"\n{'recipe':14s} {'drop (95 % interval over seeds)':34s} {'general speech':16s} "
+          f"{'vs ' + reference + ' per seed':24s} per utterance")
+    for recipe in recipes:
+        mine = [by[recipe.name, s] for s in seeds]
+        drop = mean_interval([r.drop for r in mine])
+        general = [r.general[1] - r.general[0] for r in mine if r.general]
+        paired = mean_interval([by[recipe.name, s].error - by[reference, s].error for s in seeds])
+        pooled = gate.compare([c for s in seeds for c in by[reference, s].counts],
+                              [c for r in mine for c in r.counts], confidence)
+        rows[recipe.name] = {
+            "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.overrides.items()},
+            "drop": drop, "drops": [r.drop for r in mine], "errors": [r.error for r in mine],
+            "general_change": general, "steps": [r.steps for r in mine], "seconds": [r.seconds for r in mine],
+            "final_loss": [r.final_loss for r in mine], "vs_reference": paired,
+            "vs_reference_pooled": dataclasses.asdict(pooled),
+        }
+        general_text = f"{sum(general) / len(general):+.3f}" if general else "—"
+        versus = "" if recipe.name == reference else (
+            f"{paired[0]:+.3f} [{paired[1]:+.3f}, {paired[2]:+.3f}]   "
+            f"{-pooled.gain:+.3f}, p {pooled.p_value:.3f} ({pooled.improved} better, {pooled.worsened} worse)")
+        print(f"{recipe.name:14s} {-drop[0]:+.1%} [{-drop[2]:+.1%}, {-drop[1]:+.1%}]{'':10s} "
+              f"{general_text:16s} {versus}")
+    print("(error differences: recipe − " + reference + ", negative is better; p: the share of bootstrap "
+          "resamples in which the recipe is not better)")
+    return {"reference": reference, "seeds": seeds, "recipes": rows}
+
+
+def bench_recipe(args: argparse.Namespace, settings: Settings) -> int:
+    from ml_backend.engine import WhisperEngine
+
+    from .corpus import load_corpus
+
+    if not settings.regression_audio:
+        settings = replace(settings, regression_audio=default_regression_audio())  # the gate's check, as in `up`
+    languages = sorted({lang for _, _, lang in load_corpus(args.corpus)[0]})
+    if len(languages) != 1:
+        print(f"bench recipe needs a corpus in one language (to force it); {args.corpus} has {languages}")
+        return 2
+    try:
+        recipes = [parse_recipe(text) for text in args.recipe or []]
+    except argparse.ArgumentTypeError as exc:
+        print(exc)
+        return 2
+    if not recipes or recipes[0].overrides:
+        recipes.insert(0, Recipe("default"))  # the settings' own recipe is the reference
+    args.recipe = recipes
+    names = [r.name for r in args.recipe]
+    if len(set(names)) != len(names):
+        print(f"recipe names must differ: {names}")
+        return 2
+    started = time.perf_counter()
+    base_engine = WhisperEngine(settings, install_missing=True)
+    runs: list[Run] = []
+    for seed in range(args.seed, args.seed + args.seeds):
+        runs += run_seed(args, settings, base_engine, languages[0], seed)
+    summary = summarize(runs, args.recipe, settings.promote_confidence)
+    summary["train"], summary["pool"], summary["heldout"] = args.train, args.pool, args.heldout
+    summary["minutes"] = (time.perf_counter() - started) / 60
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(json.dumps(summary, indent=1))
+    print(f"\n{summary['minutes']:.0f} min; data: {out / 'recipe.json'}")
+    return 0
