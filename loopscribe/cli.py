@@ -588,7 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
     p = bench.add_parser("recipe", help="LoRA recipes trained on the same real utterances, scored on the same "
                                         "held-out speakers (no stack; paired, without the loop's noise)")
-    p.add_argument("--corpus", type=Path, required=True, help="real recordings in one language, see bench corpus")
+    p.add_argument("--corpus", type=Path, help="real recordings in one language, see bench corpus")
+    p.add_argument("--runs", type=Path, action="append", help="summarize the runs.json of earlier runs instead "
+                   "(repeatable: seeds run apart; recipes missing a seed are left out)")
     p.add_argument("--recipe", action="append", help="NAME:key=value;key=value, fields of "
                    "LoraArguments (lists joined with +), e.g. 'lr2e-3:learning_rate=0.002' or "
                    "'attention:target_modules=q_proj+k_proj+v_proj+out_proj'; repeatable; the first is the "

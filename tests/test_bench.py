@@ -267,8 +267,10 @@ def test_a_recipe_names_the_lora_arguments_it_changes_and_refuses_others():
             parse_recipe(bad)
 
 
-def test_recipes_are_compared_with_the_first_per_seed_and_per_utterance(capsys):
-    from loopscribe.bench.recipe import Recipe, Run, summarize
+def test_recipes_are_compared_with_the_first_per_seed_and_per_utterance(tmp_path, capsys):
+    import dataclasses
+
+    from loopscribe.bench.recipe import Recipe, Run, summarize, summarize_runs
 
     def run(recipe, seed, errors):
         return Run(recipe, seed, sum(errors) / 20, 0.5, (0.07, 0.08), 30, 300.0, 0.4,
@@ -283,4 +285,14 @@ def test_recipes_are_compared_with_the_first_per_seed_and_per_utterance(capsys):
     assert better["vs_reference_pooled"]["improved"] == 8 and better["vs_reference_pooled"]["worsened"] == 0
     assert better["drops"] == [pytest.approx(0.6)] * 2  # 0.5 → 0.2
     assert summary["recipes"]["default"]["vs_reference"][0] == 0
-    assert "better" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "better" in printed
+
+    # seeds run apart are summarized together from their runs.json; a recipe missing a seed is left out
+    for seed in (0, 1):
+        mine = [r for r in runs if r.seed == seed] + ([run("partial", 0, fewer)] if seed == 0 else [])
+        (tmp_path / f"{seed}.json").write_text(json.dumps([dataclasses.asdict(r) for r in mine]))
+    assert summarize_runs([tmp_path / "0.json", tmp_path / "1.json"], 0.95) == 0
+    again = capsys.readouterr().out
+    assert "left out, not run on every seed: partial" in again
+    assert again.splitlines()[-3] == printed.splitlines()[-3]  # the same row for "better"

@@ -22,6 +22,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -98,7 +99,8 @@ def least_confident(engine, clips, options, n: int) -> list[int]:
     return sorted(range(len(clips)), key=lambda i: hyps[i].confidence)[:n]
 
 
-def run_seed(args: argparse.Namespace, settings: Settings, base_engine, language: str, seed: int) -> list[Run]:
+def run_seed(args: argparse.Namespace, settings: Settings, base_engine, language: str, seed: int,
+             done: Callable[[Run], None]) -> list[Run]:
     from ml_backend.engine import WhisperEngine
     from ml_backend.model_store import resolve_base
     from ml_backend.transcription import TranscribeOptions
@@ -131,6 +133,7 @@ def run_seed(args: argparse.Namespace, settings: Settings, base_engine, language
                       (general.live_error, general.candidate_error) if general else None,
                       result.steps, result.seconds, result.final_loss, report.counts())
             runs.append(run)
+            done(run)
             print(f"  {recipe.name:14s} {run.error:.3f} ({-run.drop:+.1%})"
                   + (f", general speech {run.general[0]:.3f} → {run.general[1]:.3f}" if run.general else "")
                   + f"; {run.steps} steps in {run.seconds:.0f} s, final loss {run.final_loss:.3f}", flush=True)
@@ -177,6 +180,25 @@ def summarize(runs: list[Run], recipes: list[Recipe], confidence: float) -> dict
     return {"reference": reference, "seeds": seeds, "recipes": rows}
 
 
+def summarize_runs(paths: list[Path], confidence: float) -> int:
+    """The summary over the runs of earlier invocations (``runs.json``; e.g. one seed each, run apart)."""
+    runs = []
+    for path in paths:
+        for row in json.loads(Path(path).read_text()):
+            runs.append(Run(**{**row, "general": tuple(row["general"]) if row["general"] else None,
+                               "counts": [tuple(c) for c in row["counts"]]}))
+    names = list(dict.fromkeys(r.recipe for r in runs))  # the first recipe run is the reference
+    seeds = {r.seed for r in runs}
+    complete = [n for n in names if {r.seed for r in runs if r.recipe == n} == seeds]
+    if names[0] not in complete:
+        print(f"the reference recipe {names[0]!r} lacks seeds: {sorted(seeds)}")
+        return 2
+    if len(complete) < len(names):
+        print(f"left out, not run on every seed: {', '.join(n for n in names if n not in complete)}")
+    summarize([r for r in runs if r.recipe in complete], [Recipe(n) for n in complete], confidence)
+    return 0
+
+
 def bench_recipe(args: argparse.Namespace, settings: Settings) -> int:
     from ml_backend.engine import WhisperEngine
 
@@ -184,6 +206,11 @@ def bench_recipe(args: argparse.Namespace, settings: Settings) -> int:
 
     if not settings.regression_audio:
         settings = replace(settings, regression_audio=default_regression_audio())  # the gate's check, as in `up`
+    if args.runs:
+        return summarize_runs(args.runs, settings.promote_confidence)
+    if args.corpus is None:
+        print("bench recipe needs --corpus (or --runs to summarize earlier runs)")
+        return 2
     languages = sorted({lang for _, _, lang in load_corpus(args.corpus)[0]})
     if len(languages) != 1:
         print(f"bench recipe needs a corpus in one language (to force it); {args.corpus} has {languages}")
@@ -202,14 +229,19 @@ def bench_recipe(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     started = time.perf_counter()
     base_engine = WhisperEngine(settings, install_missing=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     runs: list[Run] = []
+
+    def keep(run: Run) -> None:  # each run as it ends: a long benchmark stopped early keeps what it measured
+        runs.append(run)
+        (out / "runs.json").write_text(json.dumps([dataclasses.asdict(r) for r in runs]))
+
     for seed in range(args.seed, args.seed + args.seeds):
-        runs += run_seed(args, settings, base_engine, languages[0], seed)
+        run_seed(args, settings, base_engine, languages[0], seed, keep)
     summary = summarize(runs, args.recipe, settings.promote_confidence)
     summary["train"], summary["pool"], summary["heldout"] = args.train, args.pool, args.heldout
     summary["minutes"] = (time.perf_counter() - started) / 60
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(summary, indent=1))
-    print(f"\n{summary['minutes']:.0f} min; data: {out / 'recipe.json'}")
+    print(f"\n{summary['minutes']:.0f} min; data: {out / 'recipe.json'}, every run: {out / 'runs.json'}")
     return 0
