@@ -262,7 +262,7 @@ def test_a_recipe_names_the_lora_arguments_it_changes_and_refuses_others():
     assert recipe.overrides == {"target_modules": ("q_proj", "k_proj", "v_proj"), "learning_rate": 0.002,
                                 "encoder": False, "r": 8}
     assert parse_recipe("default").overrides == {}
-    for bad in ("x:device=cpu", "x:lr=1", "x:r=eight", ":r=8", "x:r"):
+    for bad in ("x:device=cpu", "x:lr=1", "x:r=eight", ":r=8", "x:r", "../x:r=8"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_recipe(bad)
 

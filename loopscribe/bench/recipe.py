@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -68,8 +69,8 @@ def parse_recipe(text: str) -> Recipe:
         except ValueError as exc:
             raise argparse.ArgumentTypeError(f"recipe {name!r}: {key}={raw!r}: {exc}") from exc
         overrides[key] = value
-    if not name:
-        raise argparse.ArgumentTypeError(f"{text!r}: a recipe needs a name")
+    if not re.fullmatch(r"[\w.+-]+", name):  # it names a folder and a table row
+        raise argparse.ArgumentTypeError(f"{text!r}: a recipe needs a name of letters, digits and . + - _")
     return Recipe(name, overrides)
 
 
