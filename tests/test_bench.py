@@ -296,3 +296,7 @@ def test_recipes_are_compared_with_the_first_per_seed_and_per_utterance(tmp_path
     again = capsys.readouterr().out
     assert "left out, not run on every seed: partial" in again
     assert again.splitlines()[-3] == printed.splitlines()[-3]  # the same row for "better"
+    (tmp_path / "empty.json").write_text("[]")
+    (tmp_path / "other.json").write_text('{"recipes": {}}')  # a recipe.json, not a runs.json
+    for wrong in ("empty.json", "other.json", "missing.json"):
+        assert summarize_runs([tmp_path / wrong], 0.95) == 2

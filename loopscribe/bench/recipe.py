@@ -185,9 +185,16 @@ def summarize_runs(paths: list[Path], confidence: float) -> int:
     """The summary over the runs of earlier invocations (``runs.json``; e.g. one seed each, run apart)."""
     runs = []
     for path in paths:
-        for row in json.loads(Path(path).read_text()):
-            runs.append(Run(**{**row, "general": tuple(row["general"]) if row["general"] else None,
-                               "counts": [tuple(c) for c in row["counts"]]}))
+        try:
+            rows = json.loads(Path(path).read_text())
+            runs += [Run(**{**row, "general": tuple(row["general"]) if row["general"] else None,
+                            "counts": [tuple(c) for c in row["counts"]]}) for row in rows]
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            print(f"{path}: not a runs.json of bench recipe ({exc})")
+            return 2
+    if not runs:
+        print("no runs to summarize")
+        return 2
     names = list(dict.fromkeys(r.recipe for r in runs))  # the first recipe run is the reference
     seeds = {r.seed for r in runs}
     complete = [n for n in names if {r.seed for r in runs if r.recipe == n} == seeds]
