@@ -601,7 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=int, default=70, help="the least confident pool utterances each recipe trains "
                    "on (70: what the first job of 100 annotations trains on after the 30-task gate sample)")
     p.add_argument("--heldout", type=int, default=60, help="held-out utterances (other speakers)")
-    p.add_argument("--out", type=Path, default=Path("bench-results"), help="where recipe.json goes")
+    p.add_argument("--out", type=Path, default=Path("bench-results/recipe"), help="where runs.json, each seed's "
+                   "base-SEED.json and recipe.json go; runs already there (same recipe, seed and setup) are "
+                   "not run again, so a stopped benchmark resumes")
     p.set_defaults(func=cmd_bench)
     p = bench.add_parser("corpus", help="write a real-speech corpus folder for bench loop --corpus (train split)")
     p.add_argument("name", choices=("speechocean762",))

@@ -300,3 +300,36 @@ def test_recipes_are_compared_with_the_first_per_seed_and_per_utterance(tmp_path
     (tmp_path / "other.json").write_text('{"recipes": {}}')  # a recipe.json, not a runs.json
     for wrong in ("empty.json", "other.json", "missing.json"):
         assert summarize_runs([tmp_path / wrong], 0.95) == 2
+
+
+def test_a_recipe_folder_resumes_what_ran_and_refuses_a_name_reused_for_other_settings(tmp_path):
+    import dataclasses
+
+    from loopscribe.bench.recipe import Recipe, Run, already_run, as_json, base_of_seed, read_runs
+
+    lr = Recipe("lr", {"learning_rate": 0.002, "target_modules": ("q_proj", "v_proj")})
+    runs = [Run("default", 0, 0.3, 0.4, None, 27, 500.0, 0.5, [(1, 4)], {}),
+            Run("lr", 0, 0.3, 0.4, None, 27, 500.0, 0.5, [(1, 4)], as_json(lr.overrides)),
+            Run("old", 1, 0.3, 0.4, None, 27, 500.0, 0.5, [(1, 4)])]  # from before overrides were stored
+    (tmp_path / "runs.json").write_text(json.dumps([dataclasses.asdict(r) for r in runs]))
+    again = read_runs(tmp_path / "runs.json")
+    assert again == runs  # the overrides read back as they were written (the module tuple as a list)
+    assert already_run(again, [Recipe("default"), lr, Recipe("old", {"r": 8}), Recipe("new")]) == {
+        ("default", 0), ("lr", 0), ("old", 1)}
+    with pytest.raises(ValueError, match="'lr' already ran in this folder"):
+        already_run(again, [Recipe("lr", {"learning_rate": 0.003})])
+    with pytest.raises(ValueError, match="not a runs.json"):
+        read_runs(tmp_path / "missing.json")
+
+    # a seed's ranking is computed once per key (corpus, sizes, base model) and read back after
+    calls = []
+
+    def rank() -> dict:
+        calls.append(1)
+        return {"picked": [3, 1], "error": 0.4}
+
+    cache, key = tmp_path / "base-0.json", {"seed": 0, "pool": 240}
+    assert base_of_seed(cache, key, rank)["picked"] == [3, 1]
+    assert base_of_seed(cache, key, rank)["error"] == 0.4 and len(calls) == 1
+    base_of_seed(cache, {**key, "pool": 200}, rank)  # another pool: ranked again
+    assert len(calls) == 2 and json.loads(cache.read_text())["key"]["pool"] == 200

@@ -11,6 +11,11 @@ the same held-out speakers (language forced, so it is learning, not language fix
 general-speech regression set. Recipes are compared with the first one per utterance (the gate's paired
 bootstrap, pooled over seeds) and per seed. A recipe that changes only the training seed (``seed=…``)
 shows how much training randomness alone moves a figure.
+
+An ``--out`` folder accumulates: every run is appended to its ``runs.json`` as it ends, with the settings it
+changed, and each seed's ranking and base score go to ``base-SEED.json``. Run again into the same folder and
+the recipes already run on a seed are not run again, nor is the base model's ranking of a seed redone: a
+stopped benchmark resumes, and a new recipe costs only its own training.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -87,11 +92,42 @@ class Run:
     seconds: float
     final_loss: float
     counts: list[tuple[int, int]] = field(repr=False, default_factory=list)  # (errors, words) per utterance
+    overrides: dict[str, object] | None = None  # the recipe's changes, as JSON holds them (None: not recorded)
 
     @property
     def drop(self) -> float:
         """Relative error drop from the base model (0.25: a quarter fewer errors)."""
         return 1 - self.error / self.base_error if self.base_error else 0.0
+
+
+def as_json(overrides: dict[str, object]) -> dict[str, object]:
+    """A recipe's overrides as they read back from JSON (tuples become lists), so stored ones compare equal."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
+
+
+def read_runs(path: Path) -> list[Run]:
+    """The runs a ``runs.json`` holds; ValueError (with the reason) for anything else."""
+    try:
+        rows = json.loads(Path(path).read_text())
+        return [Run(**{**row, "general": tuple(row["general"]) if row["general"] else None,
+                       "counts": [tuple(c) for c in row["counts"]]}) for row in rows]
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"{path}: not a runs.json of bench recipe ({exc})") from exc
+
+
+def already_run(earlier: list[Run], recipes: list[Recipe]) -> set[tuple[str, int]]:
+    """``(recipe, seed)`` pairs an earlier invocation into the same folder ran; ValueError when one of them ran
+    under the same name with other settings (its figures would be mistaken for this recipe's)."""
+    wanted = {r.name: as_json(r.overrides) for r in recipes}
+    done = set()
+    for run in earlier:
+        if run.recipe not in wanted:
+            continue
+        if run.overrides is not None and run.overrides != wanted[run.recipe]:
+            raise ValueError(f"recipe {run.recipe!r} already ran in this folder as {run.overrides or 'the default'} "
+                             f"(now {wanted[run.recipe] or 'the default'}): rename it or use another --out")
+        done.add((run.recipe, run.seed))
+    return done
 
 
 def least_confident(engine, clips, options, n: int) -> list[int]:
@@ -100,8 +136,36 @@ def least_confident(engine, clips, options, n: int) -> list[int]:
     return sorted(range(len(clips)), key=lambda i: hyps[i].confidence)[:n]
 
 
+def kept_base(cache: Path) -> dict:
+    """What ``base_of_seed`` kept in ``cache`` ({} when nothing readable is there)."""
+    try:
+        kept = json.loads(cache.read_text())
+        return kept if isinstance(kept, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def base_of_seed(cache: Path, key: dict, compute: Callable[[], dict]) -> dict:
+    """A seed's ranking and base score, from ``cache`` when it was made for the same ``key`` (corpus, sizes,
+    base model, language), else computed and kept there: ranking a pool with the base model is the slow part
+    of a seed that no recipe changes."""
+    kept = kept_base(cache)
+    if kept.get("key") == key:
+        return kept
+    value = {"key": key, **compute()}
+    cache.write_text(json.dumps(value, indent=1))
+    return value
+
+
+def seed_key(args: argparse.Namespace, seed: int, base_version: str, language: str) -> dict:
+    """What a seed's ranking, base score and runs depend on: a folder's runs of another key are not these."""
+    return {"corpus": str(Path(args.corpus).resolve()), "seed": seed, "pool": args.pool, "heldout": args.heldout,
+            "train": args.train, "base": base_version, "language": language}
+
+
 def run_seed(args: argparse.Namespace, settings: Settings, base_engine, language: str, seed: int,
-             done: Callable[[Run], None]) -> list[Run]:
+             done: Callable[[Run], None], skip: Collection[str] = ()) -> list[Run]:
+    """Train and score every recipe not in ``skip`` (already run into ``args.out``) on one seed's utterances."""
     from ml_backend.engine import WhisperEngine
     from ml_backend.model_store import resolve_base
     from ml_backend.transcription import TranscribeOptions
@@ -110,19 +174,30 @@ def run_seed(args: argparse.Namespace, settings: Settings, base_engine, language
     from training.lora import LoraArguments, train_lora
     from training.pipeline import regression_check
 
+    base = resolve_base(settings)
+    key = seed_key(args, seed, base.version, language)
+    cache = Path(args.out) / f"base-{seed}.json"
+    recipes = [r for r in args.recipe if r.name not in skip]
+    if not recipes:
+        print(f"seed {seed}: every recipe already ran in {args.out}", flush=True)
+        return []
     pool, heldout = corpus_split(args.corpus, seed, args.pool, args.heldout)
     forced = TranscribeOptions(language=language, word_timestamps=False)
-    picked = least_confident(base_engine, pool, forced, args.train)
-    train = [Example(i, load(pool[i].path), pool[i].text, pool[i].language) for i in picked]
     heldout_examples = [Example(-(i + 1), load(c.path), c.text, c.language) for i, c in enumerate(heldout)]
-    base_report = evaluate(base_engine, heldout_examples, forced)
+
+    def rank_and_score() -> dict:
+        picked = least_confident(base_engine, pool, forced, args.train)
+        return {"picked": picked, "error": evaluate(base_engine, heldout_examples, forced).error_rate}
+
+    ranked = base_of_seed(cache, key, rank_and_score)
+    train = [Example(i, load(pool[i].path), pool[i].text, pool[i].language) for i in ranked["picked"]]
+    base_error = ranked["error"]
     print(f"seed {seed}: {len(train)} least confident of a pool of {len(pool)} to train on, {len(heldout)} "
-          f"held-out utterances of other speakers; base {base_report.error_rate:.3f} ({language} forced)", flush=True)
-    base = resolve_base(settings)
+          f"held-out utterances of other speakers; base {base_error:.3f} ({language} forced)", flush=True)
     work = Path(tempfile.mkdtemp(prefix="bench-recipe-", dir=settings.home))
     runs = []
     try:
-        for recipe in args.recipe:
+        for recipe in recipes:
             lora = replace(LoraArguments.from_settings(settings, seed=seed), **recipe.overrides)
             result = train_lora(base.path, train, lora, work / recipe.name, progress=False)
             candidate = replace(base, version=f"{base.version}-recipe-{recipe.name}-{seed}",
@@ -130,9 +205,9 @@ def run_seed(args: argparse.Namespace, settings: Settings, base_engine, language
             engine = WhisperEngine(settings, resolved=candidate)
             report = evaluate(engine, heldout_examples, forced)
             general = regression_check(settings, base_engine, engine, forced)
-            run = Run(recipe.name, seed, report.error_rate, base_report.error_rate,
+            run = Run(recipe.name, seed, report.error_rate, base_error,
                       (general.live_error, general.candidate_error) if general else None,
-                      result.steps, result.seconds, result.final_loss, report.counts())
+                      result.steps, result.seconds, result.final_loss, report.counts(), as_json(recipe.overrides))
             runs.append(run)
             done(run)
             print(f"  {recipe.name:14s} {run.error:.3f} ({-run.drop:+.1%})"
@@ -164,7 +239,7 @@ def summarize(runs: list[Run], recipes: list[Recipe], confidence: float) -> dict
         pooled = gate.compare([c for s in seeds for c in by[reference, s].counts],
                               [c for r in mine for c in r.counts], confidence)
         rows[recipe.name] = {
-            "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in recipe.overrides.items()},
+            "overrides": as_json(recipe.overrides),
             "drop": drop, "drops": [r.drop for r in mine], "errors": [r.error for r in mine],
             "general_change": general, "steps": [r.steps for r in mine], "seconds": [r.seconds for r in mine],
             "final_loss": [r.final_loss for r in mine], "vs_reference": paired,
@@ -186,11 +261,9 @@ def summarize_runs(paths: list[Path], confidence: float) -> int:
     runs = []
     for path in paths:
         try:
-            rows = json.loads(Path(path).read_text())
-            runs += [Run(**{**row, "general": tuple(row["general"]) if row["general"] else None,
-                            "counts": [tuple(c) for c in row["counts"]]}) for row in rows]
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            print(f"{path}: not a runs.json of bench recipe ({exc})")
+            runs += read_runs(path)
+        except ValueError as exc:
+            print(exc)
             return 2
     if not runs:
         print("no runs to summarize")
@@ -203,12 +276,15 @@ def summarize_runs(paths: list[Path], confidence: float) -> int:
         return 2
     if len(complete) < len(names):
         print(f"left out, not run on every seed: {', '.join(n for n in names if n not in complete)}")
-    summarize([r for r in runs if r.recipe in complete], [Recipe(n) for n in complete], confidence)
+    stored = {r.recipe: r.overrides for r in runs if r.overrides is not None}
+    summarize([r for r in runs if r.recipe in complete], [Recipe(n, stored.get(n) or {}) for n in complete],
+              confidence)
     return 0
 
 
 def bench_recipe(args: argparse.Namespace, settings: Settings) -> int:
     from ml_backend.engine import WhisperEngine
+    from ml_backend.model_store import resolve_base
 
     from .corpus import load_corpus
 
@@ -239,15 +315,30 @@ def bench_recipe(args: argparse.Namespace, settings: Settings) -> int:
     base_engine = WhisperEngine(settings, install_missing=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    runs: list[Run] = []
+    try:  # an earlier invocation into this folder: its runs are kept, and not run again
+        runs = read_runs(out / "runs.json") if (out / "runs.json").exists() else []
+        done = already_run(runs, args.recipe)
+    except ValueError as exc:
+        print(exc)
+        return 2
+    if done:
+        print(f"{out}: {len(done)} of these runs already there, not run again", flush=True)
 
     def keep(run: Run) -> None:  # each run as it ends: a long benchmark stopped early keeps what it measured
         runs.append(run)
         (out / "runs.json").write_text(json.dumps([dataclasses.asdict(r) for r in runs]))
 
-    for seed in range(args.seed, args.seed + args.seeds):
-        run_seed(args, settings, base_engine, languages[0], seed, keep)
-    summary = summarize(runs, args.recipe, settings.promote_confidence)
+    seeds = range(args.seed, args.seed + args.seeds)
+    base_version = resolve_base(settings).version
+    for seed in sorted({s for _, s in done} & set(seeds)):
+        if kept_base(out / f"base-{seed}.json").get("key") != seed_key(args, seed, base_version, languages[0]):
+            print(f"{out} holds runs of seed {seed} made on another corpus, sizes or base model "
+                  f"(base-{seed}.json): use another --out")
+            return 2
+    for seed in seeds:
+        run_seed(args, settings, base_engine, languages[0], seed, keep, {n for n, s in done if s == seed})
+    mine = [r for r in runs if r.seed in seeds and r.recipe in names]
+    summary = summarize(mine, args.recipe, settings.promote_confidence)
     summary["train"], summary["pool"], summary["heldout"] = args.train, args.pool, args.heldout
     summary["minutes"] = (time.perf_counter() - started) / 60
     (out / "recipe.json").write_text(json.dumps(summary, indent=1))
