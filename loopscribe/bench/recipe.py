@@ -315,9 +315,10 @@ def bench_recipe(args: argparse.Namespace, settings: Settings) -> int:
     base_engine = WhisperEngine(settings, install_missing=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    seeds = range(args.seed, args.seed + args.seeds)
     try:  # an earlier invocation into this folder: its runs are kept, and not run again
         runs = read_runs(out / "runs.json") if (out / "runs.json").exists() else []
-        done = already_run(runs, args.recipe)
+        done = {(name, seed) for name, seed in already_run(runs, args.recipe) if seed in seeds}
     except ValueError as exc:
         print(exc)
         return 2
@@ -328,9 +329,8 @@ def bench_recipe(args: argparse.Namespace, settings: Settings) -> int:
         runs.append(run)
         (out / "runs.json").write_text(json.dumps([dataclasses.asdict(r) for r in runs]))
 
-    seeds = range(args.seed, args.seed + args.seeds)
     base_version = resolve_base(settings).version
-    for seed in sorted({s for _, s in done} & set(seeds)):
+    for seed in sorted({s for _, s in done}):
         if kept_base(out / f"base-{seed}.json").get("key") != seed_key(args, seed, base_version, languages[0]):
             print(f"{out} holds runs of seed {seed} made on another corpus, sizes or base model "
                   f"(base-{seed}.json): use another --out")
