@@ -163,9 +163,15 @@ def seed_key(args: argparse.Namespace, seed: int, base_version: str, language: s
             "train": args.train, "base": base_version, "language": language}
 
 
-def run_seed(args: argparse.Namespace, settings: Settings, base_engine, language: str, seed: int,
+def base_cache(out: Path, seed: int) -> Path:
+    """Where a seed's ranking and base score are kept in an ``--out`` folder."""
+    return Path(out) / f"base-{seed}.json"
+
+
+def run_seed(args: argparse.Namespace, settings: Settings, base_engine, language: str, seed: int, key: dict,
              done: Callable[[Run], None], skip: Collection[str] = ()) -> list[Run]:
-    """Train and score every recipe not in ``skip`` (already run into ``args.out``) on one seed's utterances."""
+    """Train and score every recipe not in ``skip`` (already run into ``args.out``) on one seed's utterances;
+    ``key`` (:func:`seed_key`) says which ranking kept in the folder is this seed's."""
     from ml_backend.engine import WhisperEngine
     from ml_backend.model_store import resolve_base
     from ml_backend.transcription import TranscribeOptions
@@ -175,8 +181,6 @@ def run_seed(args: argparse.Namespace, settings: Settings, base_engine, language
     from training.pipeline import regression_check
 
     base = resolve_base(settings)
-    key = seed_key(args, seed, base.version, language)
-    cache = Path(args.out) / f"base-{seed}.json"
     recipes = [r for r in args.recipe if r.name not in skip]
     if not recipes:
         print(f"seed {seed}: every recipe already ran in {args.out}", flush=True)
@@ -189,7 +193,7 @@ def run_seed(args: argparse.Namespace, settings: Settings, base_engine, language
         picked = least_confident(base_engine, pool, forced, args.train)
         return {"picked": picked, "error": evaluate(base_engine, heldout_examples, forced).error_rate}
 
-    ranked = base_of_seed(cache, key, rank_and_score)
+    ranked = base_of_seed(base_cache(args.out, seed), key, rank_and_score)
     train = [Example(i, load(pool[i].path), pool[i].text, pool[i].language) for i in ranked["picked"]]
     base_error = ranked["error"]
     print(f"seed {seed}: {len(train)} least confident of a pool of {len(pool)} to train on, {len(heldout)} "
@@ -330,13 +334,15 @@ def bench_recipe(args: argparse.Namespace, settings: Settings) -> int:
         (out / "runs.json").write_text(json.dumps([dataclasses.asdict(r) for r in runs]))
 
     base_version = resolve_base(settings).version
+    keys = {seed: seed_key(args, seed, base_version, languages[0]) for seed in seeds}
     for seed in sorted({s for _, s in done}):
-        if kept_base(out / f"base-{seed}.json").get("key") != seed_key(args, seed, base_version, languages[0]):
+        if kept_base(base_cache(out, seed)).get("key") != keys[seed]:
             print(f"{out} holds runs of seed {seed} made on another corpus, sizes or base model "
-                  f"(base-{seed}.json): use another --out")
+                  f"({base_cache(out, seed).name}): use another --out")
             return 2
     for seed in seeds:
-        run_seed(args, settings, base_engine, languages[0], seed, keep, {n for n, s in done if s == seed})
+        run_seed(args, settings, base_engine, languages[0], seed, keys[seed], keep,
+                 {n for n, s in done if s == seed})
     mine = [r for r in runs if r.seed in seeds and r.recipe in names]
     summary = summarize(mine, args.recipe, settings.promote_confidence)
     summary["train"], summary["pool"], summary["heldout"] = args.train, args.pool, args.heldout
