@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from dataclasses import replace
 
 from ml_backend.settings import Settings
+
+from ..paths import default_regression_audio
 
 # name → (module in this package, function(args, settings) -> exit code)
 BENCHMARKS: dict[str, tuple[str, str]] = {
@@ -32,3 +35,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 def run(name: str, args: argparse.Namespace, settings: Settings) -> int:
     module, function = BENCHMARKS[name]
     return int(getattr(importlib.import_module(f"{__name__}.{module}"), function)(args, settings))
+
+
+def with_regression_set(settings: Settings) -> Settings:
+    """The settings a benchmark's gate uses: ``REGRESSION_AUDIO`` as set, else the set ``up`` gives the worker."""
+    if settings.regression_audio:
+        return settings
+    return replace(settings, regression_audio=default_regression_audio())

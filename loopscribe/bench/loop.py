@@ -57,7 +57,8 @@ import requests
 from ml_backend.settings import Settings
 
 from ..demo import ReferenceClip, load, shared_clips
-from ..paths import LABEL_CONFIG, default_regression_audio
+from ..paths import LABEL_CONFIG
+from . import with_regression_set
 from .synth import TEMPLATES, domain_clips, template_of
 from .uncertainty import hard_variants
 
@@ -635,8 +636,7 @@ def bench_loop(args: argparse.Namespace, settings: Settings) -> int:
     from .. import labelstudio, stack
 
     ls = labelstudio.client(settings)
-    if not settings.regression_audio:
-        settings = replace(settings, regression_audio=default_regression_audio())  # the gate's check, as in `up`
+    settings = with_regression_set(settings)
     base_engine = WhisperEngine(settings, install_missing=True)
     media = stack.StackPaths(settings.home).media
     seeds = list(range(args.seed, args.seed + (args.seeds or (3 if args.corpus else 1))))

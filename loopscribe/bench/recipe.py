@@ -35,7 +35,7 @@ from pathlib import Path
 from ml_backend.settings import Settings
 
 from ..demo import load
-from ..paths import default_regression_audio
+from . import with_regression_set
 from .loop import corpus_split, mean_interval
 
 FIXED = ("device", "dtype", "init_adapter")  # not a recipe's to change: the machine's, or a live model's
@@ -292,8 +292,7 @@ def bench_recipe(args: argparse.Namespace, settings: Settings) -> int:
 
     from .corpus import load_corpus
 
-    if not settings.regression_audio:
-        settings = replace(settings, regression_audio=default_regression_audio())  # the gate's check, as in `up`
+    settings = with_regression_set(settings)
     if args.runs:
         return summarize_runs(args.runs, settings.promote_confidence)
     if args.corpus is None:
