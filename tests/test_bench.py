@@ -10,6 +10,7 @@ import pytest
 
 from loopscribe.bench.loop import Curve, gate_agreement
 from loopscribe.bench.uncertainty import score_signals
+from ml_backend.settings import Settings
 from ml_backend.text import normalize
 
 
@@ -305,7 +306,7 @@ def test_recipes_are_compared_with_the_first_per_seed_and_per_utterance(tmp_path
 def test_a_recipe_folder_resumes_what_ran_and_refuses_a_name_reused_for_other_settings(tmp_path):
     import dataclasses
 
-    from loopscribe.bench.recipe import Recipe, Run, already_run, as_json, base_of_seed, read_runs
+    from loopscribe.bench.recipe import Recipe, Run, already_run, as_json, base_of_seed, read_runs, recipe_arguments
 
     lr = Recipe("lr", {"learning_rate": 0.002, "target_modules": ("q_proj", "v_proj")})
     runs = [Run("default", 0, 0.3, 0.4, None, 27, 500.0, 0.5, [(1, 4)], {}),
@@ -320,6 +321,17 @@ def test_a_recipe_folder_resumes_what_ran_and_refuses_a_name_reused_for_other_se
         already_run(again, [Recipe("lr", {"learning_rate": 0.003})])
     with pytest.raises(ValueError, match="not a runs.json"):
         read_runs(tmp_path / "missing.json")
+
+    # "default" is what the settings say: a run of it under LORA_R=32 is not the default under LORA_R=8
+    settings = dataclasses.replace(Settings.from_env(), lora_r=32, lora_alpha=64)
+    rank8 = dataclasses.replace(settings, lora_r=8, lora_alpha=16)
+    ran = [dataclasses.replace(runs[0], arguments=recipe_arguments(settings, Recipe("default")))]
+    assert recipe_arguments(settings, lr)["learning_rate"] == 0.002
+    assert already_run(ran, [Recipe("default")], {"default": recipe_arguments(settings, Recipe("default"))}) == {
+        ("default", 0)}
+    with pytest.raises(ValueError, match=r"'default' already ran in this folder with alpha=64, r=32 "
+                                         r"\(now alpha=16, r=8\)"):
+        already_run(ran, [Recipe("default")], {"default": recipe_arguments(rank8, Recipe("default"))})
 
     # a seed's ranking is computed once per key (corpus, sizes, base model) and read back after
     calls = []

@@ -13,9 +13,9 @@ bootstrap, pooled over seeds) and per seed. A recipe that changes only the train
 shows how much training randomness alone moves a figure.
 
 An ``--out`` folder accumulates: every run is appended to its ``runs.json`` as it ends, with the settings it
-changed, and each seed's ranking and base score go to ``base-SEED.json``. Run again into the same folder and
-the recipes already run on a seed are not run again, nor is the base model's ranking of a seed redone: a
-stopped benchmark resumes, and a new recipe costs only its own training.
+changed and the arguments it trained with, and each seed's ranking and base score go to ``base-SEED.json``.
+Run again into the same folder and the recipes already run on a seed are not run again, nor is the base
+model's ranking of a seed redone: a stopped benchmark resumes, and a new recipe costs only its own training.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from ml_backend.settings import Settings
 
@@ -93,6 +94,7 @@ class Run:
     final_loss: float
     counts: list[tuple[int, int]] = field(repr=False, default_factory=list)  # (errors, words) per utterance
     overrides: dict[str, object] | None = None  # the recipe's changes, as JSON holds them (None: not recorded)
+    arguments: dict[str, object] | None = None  # what it trained with: recipe_arguments (None: not recorded)
 
     @property
     def drop(self) -> float:
@@ -105,6 +107,17 @@ def as_json(overrides: dict[str, object]) -> dict[str, object]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
 
 
+def recipe_arguments(settings: Settings, recipe: Recipe) -> dict[str, object]:
+    """The LoRA arguments a recipe trains with: the settings' own (``LORA_R``, …) with its overrides, as JSON
+    holds them. "default" means whatever the settings say, so a run is only the same recipe when these match.
+    The machine's fields and the seed (the run's, unless the recipe sets one) are left out."""
+    from training.lora import LoraArguments
+
+    overrides: dict[str, Any] = recipe.overrides  # parse_recipe typed each value as its field
+    lora = replace(LoraArguments.from_settings(settings), **overrides)
+    return as_json({k: v for k, v in dataclasses.asdict(lora).items() if k not in (*FIXED, "seed")})
+
+
 def read_runs(path: Path) -> list[Run]:
     """The runs a ``runs.json`` holds; ValueError (with the reason) for anything else."""
     try:
@@ -115,9 +128,12 @@ def read_runs(path: Path) -> list[Run]:
         raise ValueError(f"{path}: not a runs.json of bench recipe ({exc})") from exc
 
 
-def already_run(earlier: list[Run], recipes: list[Recipe]) -> set[tuple[str, int]]:
+def already_run(earlier: list[Run], recipes: list[Recipe],
+                arguments: dict[str, dict[str, object]] | None = None) -> set[tuple[str, int]]:
     """``(recipe, seed)`` pairs an earlier invocation into the same folder ran; ValueError when one of them ran
-    under the same name with other settings (its figures would be mistaken for this recipe's)."""
+    under the same name with other overrides or, where ``arguments`` (name → :func:`recipe_arguments`) and the
+    run both say, other resolved arguments, e.g. "default" before ``LORA_R`` changed (its figures would be
+    mistaken for this recipe's)."""
     wanted = {r.name: as_json(r.overrides) for r in recipes}
     done = set()
     for run in earlier:
@@ -126,6 +142,12 @@ def already_run(earlier: list[Run], recipes: list[Recipe]) -> set[tuple[str, int
         if run.overrides is not None and run.overrides != wanted[run.recipe]:
             raise ValueError(f"recipe {run.recipe!r} already ran in this folder as {run.overrides or 'the default'} "
                              f"(now {wanted[run.recipe] or 'the default'}): rename it or use another --out")
+        now = (arguments or {}).get(run.recipe)
+        if run.arguments is not None and now is not None and run.arguments != now:
+            changed = sorted(k for k in {*run.arguments, *now} if run.arguments.get(k) != now.get(k))
+            raise ValueError(f"recipe {run.recipe!r} already ran in this folder with "
+                             + ", ".join(f"{k}={run.arguments.get(k)}" for k in changed) + " (now "
+                             + ", ".join(f"{k}={now.get(k)}" for k in changed) + "): rename it or use another --out")
         done.add((run.recipe, run.seed))
     return done
 
@@ -211,7 +233,8 @@ def run_seed(args: argparse.Namespace, settings: Settings, base_engine, language
             general = regression_check(settings, base_engine, engine, forced)
             run = Run(recipe.name, seed, report.error_rate, base_error,
                       (general.live_error, general.candidate_error) if general else None,
-                      result.steps, result.seconds, result.final_loss, report.counts(), as_json(recipe.overrides))
+                      result.steps, result.seconds, result.final_loss, report.counts(), as_json(recipe.overrides),
+                      recipe_arguments(settings, recipe))
             runs.append(run)
             done(run)
             print(f"  {recipe.name:14s} {run.error:.3f} ({-run.drop:+.1%})"
@@ -321,7 +344,8 @@ def bench_recipe(args: argparse.Namespace, settings: Settings) -> int:
     seeds = range(args.seed, args.seed + args.seeds)
     try:  # an earlier invocation into this folder: its runs are kept, and not run again
         runs = read_runs(out / "runs.json") if (out / "runs.json").exists() else []
-        done = {(name, seed) for name, seed in already_run(runs, args.recipe) if seed in seeds}
+        arguments = {r.name: recipe_arguments(settings, r) for r in args.recipe}
+        done = {(name, seed) for name, seed in already_run(runs, args.recipe, arguments) if seed in seeds}
     except ValueError as exc:
         print(exc)
         return 2
