@@ -306,7 +306,16 @@ def test_recipes_are_compared_with_the_first_per_seed_and_per_utterance(tmp_path
 def test_a_recipe_folder_resumes_what_ran_and_refuses_a_name_reused_for_other_settings(tmp_path):
     import dataclasses
 
-    from loopscribe.bench.recipe import Recipe, Run, already_run, as_json, base_of_seed, read_runs, recipe_arguments
+    from loopscribe.bench.recipe import (
+        Recipe,
+        Run,
+        already_run,
+        as_json,
+        base_of_seed,
+        read_runs,
+        recipe_lora,
+        recorded_arguments,
+    )
 
     lr = Recipe("lr", {"learning_rate": 0.002, "target_modules": ("q_proj", "v_proj")})
     runs = [Run("default", 0, 0.3, 0.4, None, 27, 500.0, 0.5, [(1, 4)], {}),
@@ -325,13 +334,13 @@ def test_a_recipe_folder_resumes_what_ran_and_refuses_a_name_reused_for_other_se
     # "default" is what the settings say: a run of it under LORA_R=32 is not the default under LORA_R=8
     settings = dataclasses.replace(Settings.from_env(), lora_r=32, lora_alpha=64)
     rank8 = dataclasses.replace(settings, lora_r=8, lora_alpha=16)
-    ran = [dataclasses.replace(runs[0], arguments=recipe_arguments(settings, Recipe("default")))]
-    assert recipe_arguments(settings, lr)["learning_rate"] == 0.002
-    assert already_run(ran, [Recipe("default")], {"default": recipe_arguments(settings, Recipe("default"))}) == {
-        ("default", 0)}
+    default = recorded_arguments(recipe_lora(settings, Recipe("default")))
+    ran = [dataclasses.replace(runs[0], arguments=default)]
+    assert recorded_arguments(recipe_lora(settings, lr))["learning_rate"] == 0.002
+    assert already_run(ran, [Recipe("default")], {"default": default}) == {("default", 0)}
     with pytest.raises(ValueError, match=r"'default' already ran in this folder with alpha=64, r=32 "
                                          r"\(now alpha=16, r=8\)"):
-        already_run(ran, [Recipe("default")], {"default": recipe_arguments(rank8, Recipe("default"))})
+        already_run(ran, [Recipe("default")], {"default": recorded_arguments(recipe_lora(rank8, Recipe("default")))})
 
     # a seed's ranking is computed once per key (corpus, sizes, base model) and read back after
     calls = []

@@ -31,13 +31,16 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ml_backend.settings import Settings
 
 from ..demo import load
 from . import with_regression_set
 from .loop import corpus_split, mean_interval
+
+if TYPE_CHECKING:
+    from training.lora import LoraArguments
 
 FIXED = ("device", "dtype", "init_adapter")  # not a recipe's to change: the machine's, or a live model's
 
@@ -94,7 +97,7 @@ class Run:
     final_loss: float
     counts: list[tuple[int, int]] = field(repr=False, default_factory=list)  # (errors, words) per utterance
     overrides: dict[str, object] | None = None  # the recipe's changes, as JSON holds them (None: not recorded)
-    arguments: dict[str, object] | None = None  # what it trained with: recipe_arguments (None: not recorded)
+    arguments: dict[str, object] | None = None  # what it trained with: recorded_arguments (None: not recorded)
 
     @property
     def drop(self) -> float:
@@ -107,14 +110,18 @@ def as_json(overrides: dict[str, object]) -> dict[str, object]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
 
 
-def recipe_arguments(settings: Settings, recipe: Recipe) -> dict[str, object]:
-    """The LoRA arguments a recipe trains with: the settings' own (``LORA_R``, …) with its overrides, as JSON
-    holds them. "default" means whatever the settings say, so a run is only the same recipe when these match.
-    The machine's fields and the seed (the run's, unless the recipe sets one) are left out."""
+def recipe_lora(settings: Settings, recipe: Recipe, seed: int = 0) -> LoraArguments:
+    """The LoRA arguments a recipe trains with: the settings' own (``LORA_R``, …) with its overrides."""
     from training.lora import LoraArguments
 
     overrides: dict[str, Any] = recipe.overrides  # parse_recipe typed each value as its field
-    lora = replace(LoraArguments.from_settings(settings), **overrides)
+    return replace(LoraArguments.from_settings(settings, seed=seed), **overrides)
+
+
+def recorded_arguments(lora: LoraArguments) -> dict[str, object]:
+    """What a run keeps of its :func:`recipe_lora`, as JSON holds it. "default" means whatever the settings say,
+    so a run is only the same recipe when these match. The machine's fields and the seed (the run's, unless
+    the recipe sets one: that is in its overrides) are left out."""
     return as_json({k: v for k, v in dataclasses.asdict(lora).items() if k not in (*FIXED, "seed")})
 
 
@@ -131,7 +138,7 @@ def read_runs(path: Path) -> list[Run]:
 def already_run(earlier: list[Run], recipes: list[Recipe],
                 arguments: dict[str, dict[str, object]] | None = None) -> set[tuple[str, int]]:
     """``(recipe, seed)`` pairs an earlier invocation into the same folder ran; ValueError when one of them ran
-    under the same name with other overrides or, where ``arguments`` (name → :func:`recipe_arguments`) and the
+    under the same name with other overrides or, where ``arguments`` (name → :func:`recorded_arguments`) and the
     run both say, other resolved arguments, e.g. "default" before ``LORA_R`` changed (its figures would be
     mistaken for this recipe's)."""
     wanted = {r.name: as_json(r.overrides) for r in recipes}
@@ -199,7 +206,7 @@ def run_seed(args: argparse.Namespace, settings: Settings, base_engine, language
     from ml_backend.transcription import TranscribeOptions
     from training.dataset import Example
     from training.evaluate import evaluate
-    from training.lora import LoraArguments, train_lora
+    from training.lora import train_lora
     from training.pipeline import regression_check
 
     base = resolve_base(settings)
@@ -224,7 +231,7 @@ def run_seed(args: argparse.Namespace, settings: Settings, base_engine, language
     runs = []
     try:
         for recipe in recipes:
-            lora = replace(LoraArguments.from_settings(settings, seed=seed), **recipe.overrides)
+            lora = recipe_lora(settings, recipe, seed)
             result = train_lora(base.path, train, lora, work / recipe.name, progress=False)
             candidate = replace(base, version=f"{base.version}-recipe-{recipe.name}-{seed}",
                                 adapter=str(result.adapter_dir), base_version=base.version)
@@ -234,7 +241,7 @@ def run_seed(args: argparse.Namespace, settings: Settings, base_engine, language
             run = Run(recipe.name, seed, report.error_rate, base_error,
                       (general.live_error, general.candidate_error) if general else None,
                       result.steps, result.seconds, result.final_loss, report.counts(), as_json(recipe.overrides),
-                      recipe_arguments(settings, recipe))
+                      recorded_arguments(lora))
             runs.append(run)
             done(run)
             print(f"  {recipe.name:14s} {run.error:.3f} ({-run.drop:+.1%})"
@@ -344,7 +351,7 @@ def bench_recipe(args: argparse.Namespace, settings: Settings) -> int:
     seeds = range(args.seed, args.seed + args.seeds)
     try:  # an earlier invocation into this folder: its runs are kept, and not run again
         runs = read_runs(out / "runs.json") if (out / "runs.json").exists() else []
-        arguments = {r.name: recipe_arguments(settings, r) for r in args.recipe}
+        arguments = {r.name: recorded_arguments(recipe_lora(settings, r)) for r in args.recipe}
         done = {(name, seed) for name, seed in already_run(runs, args.recipe, arguments) if seed in seeds}
     except ValueError as exc:
         print(exc)
