@@ -88,6 +88,8 @@ class Curve:
     seed: int = 0
     decisions: list[str] = field(default_factory=list)  # the product's gate each round, on the project's held-out
     independent: list[str] = field(default_factory=list)  # the same rule on the large independent held-out set
+    independent_evidence: list[str] = field(default_factory=list)  # its paired comparison there, in words (p
+    # included, so a run at one PROMOTE_CONFIDENCE can be read at another)
     gate_items: list[int] = field(default_factory=list)  # annotated held-out tasks the product's gate had
     gate_evidence: list[str] = field(default_factory=list)  # the gate's paired comparison on those, in words
     # (gain, lower bound, items better/worse), or why there was none: what a decision rested on
@@ -322,6 +324,7 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
                 curve.candidates.append(live_error)
                 curve.decisions.append("no training data")
                 curve.independent.append("no training data")
+                curve.independent_evidence.append("no training data")
                 curve.gate_items.append(len(held))
                 curve.gate_evidence.append("no training data")
                 curve.gate_power.append(None)
@@ -372,6 +375,7 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
             curve.candidates.append(report.error_rate)
             curve.decisions.append(outcome)
             curve.independent.append(independent)
+            curve.independent_evidence.append(on_large.describe().replace("held-out items", "large-set utterances"))
             curve.gate_items.append(len(held))
             if promoted:
                 live_report, live_error, live_engine = report, report.error_rate, engine
@@ -393,6 +397,7 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
             print(f"    gate: {curve.gate_evidence[-1]}"
                   + (f"; {len(held)} of the large set's utterances, drawn at random, promote it in {power:.0%} "
                      "of draws" if power is not None else ""), flush=True)
+            print(f"    large set: {curve.independent_evidence[-1]}", flush=True)
             if promoted and strategy != "random" and round_ < args.rounds:  # re-scored after a promotion only
                 labelstudio.predict_project(ls, settings, project, engine, only_unlabeled=True, progress=False)
             del engine
