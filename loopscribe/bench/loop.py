@@ -375,7 +375,7 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
             curve.candidates.append(report.error_rate)
             curve.decisions.append(outcome)
             curve.independent.append(independent)
-            curve.independent_evidence.append(on_large.describe().replace("held-out items", "large-set utterances"))
+            curve.independent_evidence.append(on_large.describe("large-set utterances"))
             curve.gate_items.append(len(held))
             if promoted:
                 live_report, live_error, live_engine = report, report.error_rate, engine
