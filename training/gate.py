@@ -41,11 +41,11 @@ class Comparison:
     improved: int  # utterances with fewer errors under the candidate
     worsened: int
 
-    def describe(self, items: str = "held-out items") -> str:
-        """In words; ``items`` names what was compared (the gate's held-out tasks, or another set)."""
+    def describe(self, what: str = "held-out items") -> str:
+        """In words; ``what`` names what was compared (the gate's held-out tasks, or another set)."""
         return (f"gain {self.gain:+.3f} ({self.live_error:.3f} → {self.candidate_error:.3f}), "
                 f"{self.confidence:.0%} lower bound {self.lower:+.3f}, p {self.p_value:.3f}, "
-                f"{self.items} {items} ({self.improved} better, {self.worsened} worse)")
+                f"{self.items} {what} ({self.improved} better, {self.worsened} worse)")
 
 
 def compare(live: list[tuple[int, int]], candidate: list[tuple[int, int]], confidence: float = 0.95,
