@@ -26,9 +26,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import asdict
-from typing import Any
 
 from huey import Huey, RedisHuey, SqliteHuey, crontab
 
@@ -81,8 +79,7 @@ def queue_prediction_run(settings: Settings, project: int, *, only_missing: bool
     ledger = Ledger(settings.ledger_url)
     run, created = ledger.prediction_runs.unfinished(project), False
     if run is None:  # only a new run needs the task list (start() still resumes one made meanwhile)
-        pages: Iterable[Any] = labelstudio.client(settings).tasks.list(project=project, fields="task_only")
-        task_ids = [int(task.id) for task in pages if task.id is not None]
+        task_ids = labelstudio.project_task_ids(labelstudio.client(settings), project)
         run, created = ledger.prediction_runs.start(project, task_ids, shard_size, only_missing=only_missing,
                                                     only_unlabeled=only_unlabeled)
     if not created:

@@ -35,7 +35,7 @@ from ml_backend.fetch import AudioFetcher, AudioFetchError, load_task_audio
 from ml_backend.label_config import parse_label_config
 from ml_backend.predictions import to_prediction
 from ml_backend.settings import Settings
-from ml_backend.splits import ahead_share, serving_score
+from ml_backend.splits import ahead_cutoff, serving_score
 from ml_backend.transcription import TranscribeOptions, Transcriber
 
 log = logging.getLogger(__name__)
@@ -259,8 +259,8 @@ def predict_project(
     about = ls.projects.get(id=project)
     label_config = about.label_config or ""
     config = parse_label_config(label_config)
-    ahead = ahead_share(settings.heldout_fraction, settings.heldout_ahead, settings.heldout_ahead_tasks,
-                        about.task_number)
+    ahead = ahead_cutoff(project, about.task_number, lambda: project_task_ids(ls, project), settings.heldout_fraction,
+                         settings.heldout_ahead, settings.heldout_ahead_tasks)
     interface = LabelInterface(label_config)
     options = TranscribeOptions.for_project(config.language_values)  # only the project's languages
     fetcher = AudioFetcher(settings)
@@ -318,6 +318,11 @@ def predict_project(
     if report.predicted or holding_version:  # Label Studio refuses a version no prediction carries
         ls.projects.update(id=project, model_version=version, sampling=UNCERTAINTY_SAMPLING)
     return report
+
+
+def project_task_ids(ls: LabelStudio, project: int) -> list[int]:
+    """Every task id of ``project`` (the task list without annotations or predictions)."""
+    return [int(t.id) for t in ls.tasks.list(project=project, fields="task_only", page_size=1000) if t.id is not None]
 
 
 def _tasks_by_id(ls: LabelStudio, task_ids: Sequence[int]) -> Iterator[Any]:

@@ -13,6 +13,7 @@ from ml_backend.ledger import Ledger
 from ml_backend.splits import (
     HELDOUT,
     TRAIN,
+    ahead_cutoff,
     ahead_share,
     confidence_of,
     heldout_by_hash,
@@ -90,6 +91,32 @@ def test_a_small_project_serves_at_least_heldout_ahead_tasks_first():
     ahead = ahead_share(0.2, 0.05, 30, len(tasks))
     first = [t for t in tasks if serving_score(0.99, 4, t, 0.2, ahead) < 0.001]  # the ahead band
     assert 20 <= len(first) <= 40 and all(heldout_by_hash(4, t, 0.2) for t in first)
+
+
+def test_where_the_count_decides_exactly_that_many_tasks_are_served_ahead():
+    listed: list[int] = []
+
+    def ids(tasks):
+        def task_ids():
+            listed.append(len(tasks))
+            return tasks
+        return task_ids
+
+    for project in range(1, 21):  # a share gives 30 tasks of 240 only on average; the cutoff gives 30 each time
+        tasks = list(range(1000, 1240))
+        cutoff = ahead_cutoff(project, len(tasks), ids(tasks), 0.2, 0.05, 30)
+        first = [t for t in tasks if serving_score(0.99, project, t, 0.2, cutoff) < 0.001]
+        assert len(first) == 30 and all(heldout_by_hash(project, t, 0.2) for t in first)
+        lowest = sorted(tasks, key=lambda t: split_position(project, t))[:30]
+        assert set(first) == set(lowest)  # by hash, not difficulty
+    assert listed == [240] * 20
+    # a large project keeps the share and is never listed; Label Studio silent: the share stands
+    assert ahead_cutoff(1, 10_000, ids(list(range(10_000))), 0.2, 0.05, 30) == pytest.approx(0.05)
+    assert listed == [240] * 20
+    assert ahead_cutoff(1, 240, lambda: None, 0.2, 0.05, 30) == pytest.approx(0.125)
+    # fewer held-out tasks than the count: all of the held-out split; never fewer than the share
+    assert ahead_cutoff(1, 60, ids(list(range(60))), 0.2, 0.05, 30) == pytest.approx(0.2)
+    assert ahead_cutoff(1, 240, ids(list(range(240))), 0.2, 0.05, 1) >= 0.05
 
 
 def test_lora_arguments_come_from_settings(settings):
