@@ -55,7 +55,7 @@ from .predictions import to_prediction
 from .projects import ProjectDirectory, ProjectState
 from .safelog import clip
 from .settings import Settings
-from .splits import ahead_share, serving_score
+from .splits import ahead_cutoff, serving_score
 from .transcription import TranscribeOptions, Transcriber
 
 log = logging.getLogger(__name__)
@@ -143,9 +143,7 @@ class PredictionService:
         chunk = self.settings.batch_size or AUTO_CHUNK
         for task_project, indices in by_project.items():
             engine = self.live.get(task_project)
-            ahead = ahead_share(self.settings.heldout_fraction, self.settings.heldout_ahead,
-                                self.settings.heldout_ahead_tasks,
-                                self.projects.size(task_project) if task_project is not None else None)
+            ahead = self._ahead(task_project)
             for i in indices:
                 results[i]["model_version"] = engine.model_version
             for start in range(0, len(indices), chunk):
@@ -164,6 +162,14 @@ class PredictionService:
                     metrics.tasks.labels("error").inc(len(part) - len(good))
                     metrics.audio_seconds.inc(sum(duration(c) for _, c in good))
         return results
+
+    def _ahead(self, project: int | None) -> float:
+        """The project's :func:`~ml_backend.splits.ahead_cutoff`, the same one ``loopscribe predict`` sets."""
+        s = self.settings
+        if project is None:  # no project: every task scores in the pool band
+            return s.heldout_ahead
+        return ahead_cutoff(project, self.projects.size(project), lambda: self.projects.task_ids(project),
+                            s.heldout_fraction, s.heldout_ahead, s.heldout_ahead_tasks)
 
     @staticmethod
     def _parse(index: int, raw: Any) -> PredictTask | None:

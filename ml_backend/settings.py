@@ -168,11 +168,10 @@ class Settings:
                                    "`/next` serves first (by hash, not by difficulty), so the gate's sample "
                                    "represents the project; the rest of the held-out split comes after the pool",
                                    group="training")
-    heldout_ahead_tasks: int = setting(30, "HELDOUT_AHEAD_TASKS", "… but about this many tasks when that is more "
-                                       "(a share of the project's hash positions, so one project gets a few more, "
-                                       "another a few fewer; all of the held-out split in a project too small for "
-                                       "that), so a small project's gate has a real sample after its first job",
-                                       group="training")
+    heldout_ahead_tasks: int = setting(30, "HELDOUT_AHEAD_TASKS", "… but exactly this many tasks when that is more "
+                                       "(the held-out tasks of lowest hash among the project's task ids; all of the "
+                                       "held-out split in a project too small for that), so a small project's gate "
+                                       "has a real sample after its first job", group="training")
     heldout_min_items: int = setting(4, "HELDOUT_MIN_ITEMS", "fewer held-out items than this and no candidate is "
                                      "promoted (nothing to measure)", group="training")
     lora_r: int = setting(32, "LORA_R", "LoRA rank (peft's Whisper recipe: 32)", group="training")

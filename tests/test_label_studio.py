@@ -19,7 +19,9 @@ import requests
 
 from loopscribe import labelstudio, stack
 from loopscribe.demo import SENTENCES, demo_clips, speak
+from ml_backend.fetch import LabelStudioAuth
 from ml_backend.ledger import Ledger
+from ml_backend.projects import ProjectDirectory
 from ml_backend.splits import confidence_of, split_position
 
 pytestmark = pytest.mark.slow
@@ -145,9 +147,10 @@ def test_next_serves_a_random_heldout_sample_first_and_the_rest_after_the_pool(l
     ids = sorted(t.id for t in ls.tasks.list(project=project, fields="task_only"))
     by_position = sorted(ids, key=lambda t: split_position(project, t))
     edge = [split_position(project, t) for t in by_position]
-    # fractions between this project's hash positions: 2 tasks ahead, 2 more held out, 2 in the pool
-    ahead, heldout = (edge[1] + edge[2]) / 2, (edge[3] + edge[4]) / 2
-    s_ = replace(s, heldout_ahead=ahead, heldout_fraction=heldout, heldout_ahead_tasks=0)
+    # a fraction between this project's hash positions: 4 tasks held out, 2 in the pool; of the held-out
+    # tasks, the count (no share) puts the 2 of lowest hash ahead, found from the project's task list
+    heldout = (edge[3] + edge[4]) / 2
+    s_ = replace(s, heldout_ahead=0.0, heldout_fraction=heldout, heldout_ahead_tasks=2)
     labelstudio.predict_project(ls, s_, project, engine, progress=False)
     served, scores = [], []
     for _ in ids:
@@ -160,6 +163,9 @@ def test_next_serves_a_random_heldout_sample_first_and_the_rest_after_the_pool(l
     assert set(served[4:]) == set(by_position[2:4])  # … the rest of the held-out split
     assert scores[2] <= scores[3] and all(0 <= confidence_of(x) <= 1 for x in scores)
     assert all(t.predictions for t in ls.tasks.list(project=project, fields="all"))  # Label Studio took every one
+    # the backend lists the same task ids from Label Studio's API, so its own predictions use the same cutoff
+    directory = ProjectDirectory(LabelStudioAuth(s.label_studio_url, s.label_studio_api_key))
+    assert sorted(directory.task_ids(project) or []) == ids == sorted(labelstudio.project_task_ids(ls, project))
 
 
 def test_webhooks_from_label_studio_reach_the_backend_with_the_secret(live):
