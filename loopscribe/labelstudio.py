@@ -259,17 +259,16 @@ def predict_project(
     about = ls.projects.get(id=project)
     label_config = about.label_config or ""
     config = parse_label_config(label_config)
-    ahead = ahead_cutoff(project, about.task_number, lambda: project_task_ids(ls, project), settings.heldout_fraction,
-                         settings.heldout_ahead, settings.heldout_ahead_tasks)
     interface = LabelInterface(label_config)
     options = TranscribeOptions.for_project(config.language_values)  # only the project's languages
     fetcher = AudioFetcher(settings)
     report = PredictReport()
-    todo, holding_version = [], 0
+    todo, holding_version, listed = [], 0, []
     for task in (ls.tasks.list(project=project, fields="all") if task_ids is None else _tasks_by_id(ls, task_ids)):
         if task is None or task.project != project:  # deleted (or moved) since the run was planned
             report.skipped += 1
             continue
+        listed.append(task.id)
         mine = [p for p in (task.predictions or []) if p.model_version == version]
         holding_version += bool(mine)
         if only_unlabeled and (getattr(task, "total_annotations", 0) or 0) > 0:
@@ -280,6 +279,10 @@ def predict_project(
             report.skipped += 1
         else:
             todo.append(task)
+    # the whole project was just listed; a shard of a queued run lists its ids only when the count needs them
+    ahead = ahead_cutoff(project, about.task_number,
+                         (lambda: listed) if task_ids is None else (lambda: project_task_ids(ls, project)),
+                         settings.heldout_fraction, settings.heldout_ahead, settings.heldout_ahead_tasks)
 
     def load(task) -> np.ndarray | str:
         try:
