@@ -35,6 +35,7 @@ from ml_backend.ledger import Ledger
 from ml_backend.live import LiveEngine
 from ml_backend.prediction_runs import SHARD_MAX_ATTEMPTS, SHARD_SIZE
 from ml_backend.settings import Settings
+from ml_backend.splits import ahead_cutoff
 from ml_backend.training_jobs import Job
 
 from .gpus import pin_worker_gpu
@@ -80,8 +81,10 @@ def queue_prediction_run(settings: Settings, project: int, *, only_missing: bool
     run, created = ledger.prediction_runs.unfinished(project), False
     if run is None:  # only a new run needs the task list (start() still resumes one made meanwhile)
         task_ids = labelstudio.project_task_ids(labelstudio.client(settings), project)
+        ahead = ahead_cutoff(project, len(task_ids), lambda: task_ids, settings.heldout_fraction,
+                             settings.heldout_ahead, settings.heldout_ahead_tasks)
         run, created = ledger.prediction_runs.start(project, task_ids, shard_size, only_missing=only_missing,
-                                                    only_unlabeled=only_unlabeled)
+                                                    only_unlabeled=only_unlabeled, ahead=ahead)
     if not created:
         recover_shards(settings, enqueue=lambda *_: None)
     queued = ledger.prediction_runs.list(("queued",), run=run)
@@ -104,7 +107,7 @@ def run_prediction_shard(run: int, shard: int) -> dict:
         engine = _worker_engine(settings, claimed.project)
         report = labelstudio.predict_project(
             labelstudio.client(settings), settings, claimed.project, engine, only_missing=claimed.only_missing,
-            only_unlabeled=claimed.only_unlabeled, task_ids=claimed.task_ids,
+            only_unlabeled=claimed.only_unlabeled, task_ids=claimed.task_ids, ahead=claimed.ahead,
             done_since=claimed.run_created_at if claimed.attempts > 1 else None, batch_tasks=16, progress=False,
             on_batch=lambda: store.heartbeat(claimed))
     except Exception as exc:

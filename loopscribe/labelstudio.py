@@ -236,6 +236,7 @@ def predict_project(
     only_missing: bool = True,
     only_unlabeled: bool = False,
     task_ids: Sequence[int] | None = None,
+    ahead: float | None = None,
     done_since: float | None = None,
     batch_tasks: int = 64,
     progress: bool = True,
@@ -245,11 +246,13 @@ def predict_project(
 
     ``only_unlabeled`` leaves annotated tasks alone (re-scoring after a promotion: only the
     pool annotators have yet to see needs new scores). ``task_ids`` limits the run to those tasks
-    (one shard of a queued run), fetched one by one; ``done_since`` (a Unix time) also skips tasks whose
-    prediction of the live version was made after it, so a shard that runs again after its worker
-    died adds nothing twice even when ``only_missing`` is off. ``on_batch`` is called after each
-    batch (a worker's heartbeat). Audio of the next batch is fetched and decoded in background
-    threads while the engine decodes the current one, so Label Studio round trips cost little.
+    (one shard of a queued run), fetched one by one; ``ahead`` is the cutoff that shard's run decided
+    when it was planned (:func:`~ml_backend.splits.ahead_cutoff`; None: decided here). ``done_since``
+    (a Unix time) also skips tasks whose prediction of the live version was made after it, so a shard
+    that runs again after its worker died adds nothing twice even when ``only_missing`` is off.
+    ``on_batch`` is called after each batch (a worker's heartbeat). Audio of the next batch is fetched
+    and decoded in background threads while the engine decodes the current one, so Label Studio round
+    trips cost little.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -279,10 +282,10 @@ def predict_project(
             report.skipped += 1
         else:
             todo.append(task)
-    # the whole project was just listed; a shard of a queued run lists its ids only when the count needs them
-    ahead = ahead_cutoff(project, about.task_number,
-                         (lambda: listed) if task_ids is None else (lambda: project_task_ids(ls, project)),
-                         settings.heldout_fraction, settings.heldout_ahead, settings.heldout_ahead_tasks)
+    if ahead is None:  # the whole project was just listed; a shard of a run from before runs kept the cutoff lists it
+        ahead = ahead_cutoff(project, about.task_number,
+                             (lambda: listed) if task_ids is None else (lambda: project_task_ids(ls, project)),
+                             settings.heldout_fraction, settings.heldout_ahead, settings.heldout_ahead_tasks)
 
     def load(task) -> np.ndarray | str:
         try:

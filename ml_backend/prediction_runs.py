@@ -58,6 +58,7 @@ class Shard:
     only_missing: bool
     only_unlabeled: bool
     reason: str | None = None
+    ahead: float | None = None  # the run's ahead cutoff (ml_backend.splits.ahead_cutoff); None: runs before it
 
 
 @dataclass
@@ -96,9 +97,12 @@ class PredictionRunStore:
         self.db = database
 
     def start(self, project: int, task_ids: Sequence[int], shard_size: int, *, only_missing: bool = True,
-              only_unlabeled: bool = False) -> tuple[int, bool]:
+              only_unlabeled: bool = False, ahead: float | None = None) -> tuple[int, bool]:
         """A new run over ``task_ids`` in shards of ``shard_size``, unless the project has an unfinished run:
-        then that one (resumed, not duplicated). Returns ``(run id, created)``."""
+        then that one (resumed, not duplicated). Returns ``(run id, created)``.
+
+        ``ahead`` is the project's ahead cutoff, decided once when the run is planned: every shard scores
+        with it, so no shard lists the project again and all of a run's scores agree."""
         if shard_size < 1:
             raise ValueError("shard_size must be at least 1")
         with self.db.transaction() as db:
@@ -109,7 +113,8 @@ class PredictionRunStore:
             pieces = [ids[i : i + shard_size] for i in range(0, len(ids), shard_size)]
             now = time.time()
             run_id = db.execute(insert(runs).values(
-                project=project, options=json.dumps({"only_missing": only_missing, "only_unlabeled": only_unlabeled}),
+                project=project, options=json.dumps({"only_missing": only_missing, "only_unlabeled": only_unlabeled,
+                                                     "ahead": ahead}),
                 tasks=len(ids), shards=len(pieces), created_at=now,
                 finished_at=None if pieces else now).returning(runs.c.id)).scalar_one()
             if pieces:
@@ -144,7 +149,8 @@ class PredictionRunStore:
                      state=row["state"], worker=row["worker"], attempts=row["attempts"],
                      heartbeat_at=row["heartbeat_at"], run_created_at=row["run_created_at"],
                      only_missing=bool(options.get("only_missing", True)),
-                     only_unlabeled=bool(options.get("only_unlabeled", False)), reason=row["reason"])
+                     only_unlabeled=bool(options.get("only_unlabeled", False)), reason=row["reason"],
+                     ahead=options.get("ahead"))
 
     def get(self, run: int, shard: int) -> Shard | None:
         with self.db.connect() as db:

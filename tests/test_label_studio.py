@@ -22,7 +22,7 @@ from loopscribe.demo import SENTENCES, demo_clips, speak
 from ml_backend.fetch import LabelStudioAuth
 from ml_backend.ledger import Ledger
 from ml_backend.projects import ProjectDirectory
-from ml_backend.splits import confidence_of, split_position
+from ml_backend.splits import LATER_BAND, POOL_BAND, ahead_cutoff, confidence_of, split_position
 
 pytestmark = pytest.mark.slow
 CONFIG = (Path(__file__).resolve().parents[1] / "label_config.xml").read_text()
@@ -137,7 +137,7 @@ def test_next_serves_least_confident_first(live, ls, ranked_project, engine):
     assert len(set(served)) > 3  # the clips really differ in confidence
 
 
-def test_next_serves_a_random_heldout_sample_first_and_the_rest_after_the_pool(live, ls, engine):
+def test_next_serves_a_random_heldout_sample_first_and_the_rest_after_the_pool(live, ls, engine, monkeypatch):
     """The held-out split's serving bands: its "ahead" tasks come first whatever their confidence, then the pool
     least confident first, then the rest of the held-out split."""
     s, paths, _ = live
@@ -166,6 +166,23 @@ def test_next_serves_a_random_heldout_sample_first_and_the_rest_after_the_pool(l
     # the backend lists the same task ids from Label Studio's API, so its own predictions use the same cutoff
     directory = ProjectDirectory(LabelStudioAuth(s.label_studio_url, s.label_studio_api_key))
     assert sorted(directory.task_ids(project) or []) == ids == sorted(labelstudio.project_task_ids(ls, project))
+    # a shard of a queued run scores with the cutoff its run kept: the same scores, the project not listed again
+    listings: list[int] = []
+    monkeypatch.setattr(labelstudio, "project_task_ids",
+                        lambda ls_, p: listings.append(p) or ProjectDirectory.task_ids(directory, p))
+    cutoff = ahead_cutoff(project, len(ids), lambda: ids, heldout, 0.0, 2)
+    first = {t.id: t.predictions[0].score for t in ls.tasks.list(project=project, fields="all")}
+    labelstudio.predict_project(ls, s_, project, engine, only_missing=False, task_ids=ids[:4], ahead=cutoff,
+                                progress=False)
+    tasks = {t.id: t.predictions for t in ls.tasks.list(project=project, fields="all")}
+    assert [len(tasks[t]) for t in ids] == [2, 2, 2, 2, 1, 1]  # the shard's tasks got a second prediction
+    again = {t: max(tasks[t], key=lambda p: p.id).score for t in ids[:4]}
+
+    def band(score: float) -> str:  # the serving band a score lies in (confidences may differ by the batch's padding)
+        return "ahead" if score < POOL_BAND[0] else "later" if score >= LATER_BAND[0] else "pool"
+
+    assert listings == [] and {t: band(x) for t, x in again.items()} == {t: band(first[t]) for t in ids[:4]}
+    assert [band(first[t]) for t in by_position] == ["ahead"] * 2 + ["later"] * 2 + ["pool"] * 2
 
 
 def test_webhooks_from_label_studio_reach_the_backend_with_the_secret(live):
@@ -322,6 +339,9 @@ def test_worker_runs_queued_pre_annotation(live, ls, engine, shared_audio):
         time.sleep(0.5)
     progress = store.progress(run)
     assert progress.states == {"done": 1} and (progress.predicted, progress.failed) == (1, 0)
+    # the run kept the cutoff it decided when planned (one task: all of a held-out split under the count)
+    assert store.get(run, 0).ahead == ahead_cutoff(project, 1, lambda: report.task_ids, s.heldout_fraction,
+                                                   s.heldout_ahead, s.heldout_ahead_tasks)
     task = ls.tasks.get(id=report.task_ids[0])
     assert task.predictions and task.predictions[0].model_version == engine.model_version
     assert ls.projects.get(id=project).model_version == engine.model_version

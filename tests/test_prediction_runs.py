@@ -145,3 +145,45 @@ def test_a_worker_killed_mid_shard_is_requeued_and_resent(postgres_url, settings
     sent.clear()
     jobs.recover_shards(s, enqueue=lambda r, n: sent.append((r, n)), on_start=True)  # a worker starting
     assert sent == [(run, 0), (run, 1)]
+
+
+def test_a_queued_run_decides_the_ahead_cutoff_once_and_every_shard_scores_with_it(settings, tmp_path,
+                                                                                   monkeypatch):
+    """Where the count decides, the cutoff needs the project's task ids: the run lists them when it is planned
+    and keeps the cutoff, so its shards neither list the project again nor disagree when tasks arrive meanwhile."""
+    from loopscribe import jobs, labelstudio
+    from ml_backend.splits import ahead_cutoff
+
+    s = replace(settings, home=tmp_path, database_url=str(tmp_path / "ledger.db"), heldout_fraction=0.2,
+                heldout_ahead=0.05, heldout_ahead_tasks=30)
+    task_ids = list(range(1000, 1240))  # 240 tasks: under 600, the count decides
+    listings: list[int] = []
+
+    def listing(ls, project: int) -> list[int]:
+        listings.append(project)
+        return task_ids
+
+    monkeypatch.setattr(labelstudio, "client", lambda _settings: None)
+    monkeypatch.setattr(labelstudio, "project_task_ids", listing)
+    monkeypatch.setattr(jobs, "enqueue_prediction_shard", lambda *_: None)
+    run, created, sent = jobs.queue_prediction_run(s, 7, shard_size=64)
+    assert created and sent == 4 and listings == [7]
+    expected = ahead_cutoff(7, len(task_ids), lambda: task_ids, 0.2, 0.05, 30)
+    assert expected > 0.05  # the count's cutoff, not the share
+    shards = Ledger(s.ledger_url).prediction_runs.list(("queued",), run=run)
+    assert [x.ahead for x in shards] == [expected] * 4
+    assert jobs.queue_prediction_run(s, 7) == (run, False, 4) and listings == [7]  # resumed: not listed again
+
+
+def test_a_run_from_before_runs_kept_their_cutoff_leaves_it_to_the_shard(database):
+    from sqlalchemy import update
+
+    from ml_backend.schema import prediction_runs_table
+
+    ledger = Ledger(database)
+    run, _ = ledger.prediction_runs.start(7, range(3), shard_size=2, ahead=0.0125)
+    assert [x.ahead for x in ledger.prediction_runs.list(("queued",), run=run)] == [0.0125, 0.0125]
+    with ledger.prediction_runs.db.transaction() as db:  # what runs made before held: no cutoff in their options
+        db.execute(update(prediction_runs_table).where(prediction_runs_table.c.id == run)
+                   .values(options='{"only_missing": true, "only_unlabeled": false}'))
+    assert [x.ahead for x in ledger.prediction_runs.list(("queued",), run=run)] == [None, None]
