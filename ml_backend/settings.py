@@ -48,6 +48,13 @@ def _count(value: str) -> int:
     return number
 
 
+def _speed_share(value: str) -> float:
+    share = float(value)
+    if not 0 <= share < 0.5:
+        raise ValueError("must be at least 0 and below 0.5 (a share of the speed: 0.1 plays at 0.9, 1.0 or 1.1)")
+    return share
+
+
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(value: str) -> str:
         if value not in allowed:
@@ -200,6 +207,11 @@ class Settings:
     train_spec_augment: bool = setting(False, "TRAIN_SPEC_AUGMENT", "mask two random mel bands and two short time "
                                        "spans of every training utterance at every step (SpecAugment); only where the "
                                        "whole encoder trains (LORA_ENCODER=1, all layers)", group="training")
+    train_speed_perturb: float = setting(0.0, "TRAIN_SPEED_PERTURB", "speed perturbation: play each training "
+                                         "utterance at every step at 1 - s, 1 or 1 + s times its speed (tempo "
+                                         "and pitch, as another voice would; s = 0.1: Kaldi's 0.9/1.0/1.1); 0: "
+                                         "off; only where the whole encoder trains (LORA_ENCODER=1, all layers)",
+                                         parse=_speed_share, group="training")
     train_learning_rate: float = setting(1e-3, "TRAIN_LEARNING_RATE", "AdamW learning rate (recipe: 1e-3), linear "
                                          "decay after warm-up", group="training")
     train_batch_size: int = setting(8, "TRAIN_BATCH_SIZE", "utterances per optimizer step", group="training")

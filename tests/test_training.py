@@ -294,10 +294,36 @@ def test_spec_augment_masks_bands_and_spans_inside_the_speech_only():
     assert torch.equal(masked, again) and not torch.equal(masked, other)
 
 
-def test_training_with_spec_augment_sees_masked_features(settings, tmp_path, clip, transcripts, base_whisper):
-    """One real step over the whole encoder, with and without TRAIN_SPEC_AUGMENT, from the same seed: the masked
-    features give another loss; with only the top encoder layers trained the setting is not applied (their input
-    is cached), so the loss is the unmasked one."""
+def test_speed_perturbation_plays_an_utterance_faster_and_higher():
+    """At 1.1 times the speed an utterance is 1/1.1 as long and a 440 Hz tone in it is at 484 Hz; at 0.9, 1/0.9 as
+    long and 396 Hz; at 1 it is the same utterance. The setting takes a share below one half."""
+    import numpy as np
+
+    from ml_backend.errors import ConfigurationError
+    from ml_backend.settings import Settings
+    from training.lora import at_speed
+
+    tone = np.sin(2 * np.pi * 440 * np.arange(16000) / 16000).astype(np.float32)
+    example = Example(task=2, audio=tone, text="a tone", language="en")
+    assert at_speed(example, 1.0) is example
+    for factor in (1.1, 0.9):
+        played = at_speed(example, factor)
+        assert (played.task, played.text, played.language) == (2, "a tone", "en")
+        assert played.duration == pytest.approx(1 / factor, abs=2e-4)  # the end timestamp a target gets
+        spectrum = np.abs(np.fft.rfft(played.audio))
+        peak = np.argmax(spectrum) * 16000 / played.audio.size
+        assert peak == pytest.approx(440 * factor, abs=2)
+    assert Settings.from_env({}).train_speed_perturb == 0
+    assert Settings.from_env({"TRAIN_SPEED_PERTURB": "0.1"}).train_speed_perturb == pytest.approx(0.1)
+    for wrong in ("0.5", "-0.1", "fast"):
+        with pytest.raises(ConfigurationError, match="TRAIN_SPEED_PERTURB"):
+            Settings.from_env({"TRAIN_SPEED_PERTURB": wrong})
+
+
+def test_training_with_augmentation_sees_other_features(settings, tmp_path, clip, transcripts, base_whisper):
+    """One real step over the whole encoder, with and without TRAIN_SPEC_AUGMENT (or TRAIN_SPEED_PERTURB), from the
+    same seed: the masked (or replayed) features give another loss; with only the top encoder layers trained the
+    setting is not applied (their input is cached), so the loss is the plain one."""
     from training.lora import train_lora
 
     path, _ = base_whisper
@@ -315,6 +341,12 @@ def test_training_with_spec_augment_sees_masked_features(settings, tmp_path, cli
     plain, augmented = loss(), loss(spec_augment=True)
     assert augmented != pytest.approx(plain, rel=1e-4)
     assert loss(encoder_layers=2, spec_augment=True) == pytest.approx(loss(encoder_layers=2), rel=1e-4)
+    # TRAIN_SPEED_PERTURB the same way: another speed, another loss, only where the whole encoder trains
+    assert args.speed_perturb == 0
+    assert loss(speed_perturb=0.1) != pytest.approx(plain, rel=1e-4)
+    assert loss(encoder_layers=2, speed_perturb=0.1) == pytest.approx(loss(encoder_layers=2), rel=1e-4)
+    with pytest.raises(ValueError, match="speed_perturb"):
+        loss(speed_perturb=0.5)
 
 
 def test_a_step_limit_ends_training_mid_epoch_and_sizes_the_schedule(settings, tmp_path, clip, transcripts,

@@ -60,6 +60,7 @@ class LoraArguments:
     encoder: bool = False
     encoder_layers: int = 0  # with encoder: adapt only the top N encoder layers, cache the rest; 0: all
     spec_augment: bool = False  # mask mel bands and time spans of each utterance at each step (whole encoder only)
+    speed_perturb: float = 0.0  # play each utterance at each step at 1 - s, 1 or 1 + s its speed (whole encoder only)
     init_adapter: str | None = None  # start from this saved adapter's weights (the live one) instead of fresh ones
     epochs: int = 5
     max_steps: int = 0  # stop after this many optimizer steps, mid-epoch if need be; 0: all the epochs
@@ -76,6 +77,7 @@ class LoraArguments:
         args = cls(r=settings.lora_r, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
                    target_modules=settings.lora_target_modules, encoder=settings.lora_encoder,
                    encoder_layers=settings.lora_encoder_layers, spec_augment=settings.train_spec_augment,
+                   speed_perturb=settings.train_speed_perturb,
                    epochs=settings.train_epochs, max_steps=settings.train_max_steps,
                    learning_rate=settings.train_learning_rate, batch_size=settings.train_batch_size,
                    device=settings.device, dtype=settings.dtype)
@@ -194,6 +196,20 @@ def spec_augment(features: torch.Tensor, frames: Sequence[int], generator: torch
     return masked
 
 
+def at_speed(example: Example, factor: float) -> Example:
+    """``example`` played ``factor`` times as fast: 1/factor as long, its pitch ``factor`` times as high, as a
+    faster, higher voice would say it (speed perturbation, Ko et al., 2015: Kaldi's 0.9/1.0/1.1 recipe). Why: a
+    project's corrections come from a few dozen voices; other speeds are other plausible voices for the encoder
+    to learn the accent on, and they cost no step time (Whisper pads every utterance to 30 s)."""
+    import librosa
+
+    if factor == 1:
+        return example
+    audio = librosa.resample(example.audio.astype("float32"), orig_sr=round(SAMPLE_RATE * factor),
+                             target_sr=SAMPLE_RATE, res_type="soxr_hq")
+    return replace(example, audio=audio)
+
+
 def run_encoder_layers(encoder, hidden: torch.Tensor, start: int) -> torch.Tensor:
     """Whisper's encoder from the input of layer ``start`` on: the layers from there, then the final norm
     (what ``WhisperEncoder.forward`` does after its convolutions; layer drop is 0 in Whisper's configs)."""
@@ -248,6 +264,8 @@ def train_lora(
 
     if not examples:
         raise ValueError("no training examples")
+    if not 0 <= args.speed_perturb < 0.5:
+        raise ValueError(f"speed_perturb must be at least 0 and below 0.5, not {args.speed_perturb}")
     started = time.perf_counter()
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -285,8 +303,8 @@ def train_lora(
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     whisper = accelerator.unwrap_model(model).base_model.model  # WhisperForConditionalGeneration
 
-    def mel(batch: list[int]) -> torch.Tensor:
-        return features([examples[i].audio for i in batch], sampling_rate=SAMPLE_RATE,
+    def mel(utterances: Sequence[Example]) -> torch.Tensor:
+        return features([u.audio for u in utterances], sampling_rate=SAMPLE_RATE,
                         return_tensors="pt").input_features.to(accelerator.device)
 
     # Everything below the first adapted encoder layer is frozen and deterministic: computed once per utterance
@@ -301,7 +319,7 @@ def train_lora(
         missing = [i for i in batch if i not in encoder_cache]
         if missing:
             with torch.no_grad(), accelerator.autocast():
-                out = encoder_layer_input(encoder, mel(missing), frozen_below)
+                out = encoder_layer_input(encoder, mel([examples[i] for i in missing]), frozen_below)
             if not cache_encoder:
                 fresh = dict(zip(missing, out))
                 return torch.stack([fresh[i] for i in batch])
@@ -311,12 +329,23 @@ def train_lora(
     augment = torch.Generator().manual_seed(args.seed)
     if args.spec_augment and frozen_below > 0:
         log.warning("SpecAugment needs the whole encoder trained (its frozen layers' output is cached): not applied")
+    speeds = (1 - args.speed_perturb, 1.0, 1 + args.speed_perturb) if args.speed_perturb and frozen_below == 0 else ()
+    if args.speed_perturb and frozen_below > 0:
+        log.warning("speed perturbation needs the whole encoder trained (its frozen layers' output is cached): "
+                    "not applied")
 
-    def encode(batch: list[int]) -> torch.Tensor:
+    def as_trained(batch: list[int]) -> list[Example]:
+        """The batch's utterances as this step sees them: each at a speed drawn afresh when perturbing."""
+        if not speeds:
+            return [examples[i] for i in batch]
+        drawn = torch.randint(0, len(speeds), (len(batch),), generator=augment).tolist()
+        return [at_speed(examples[i], speeds[d]) for i, d in zip(batch, drawn)]
+
+    def encode(batch: list[int], utterances: list[Example]) -> torch.Tensor:
         if frozen_below == 0:
-            log_mel = mel(batch)
+            log_mel = mel(utterances)
             if args.spec_augment:
-                frames = [examples[i].audio.size // features.hop_length for i in batch]
+                frames = [u.audio.size // features.hop_length for u in utterances]
                 log_mel = spec_augment(log_mel, frames, augment)
             return encoder(log_mel).last_hidden_state
         if frozen_below == len(encoder.layers):
@@ -324,12 +353,15 @@ def train_lora(
         with accelerator.autocast():
             return run_encoder_layers(encoder, frozen_part(batch), frozen_below)
 
-    def decoder_batch(batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        longest = max(len(sequences[i]) for i in batch)
+    def decoder_batch(batch: list[int], utterances: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+        # a perturbed utterance's length changed, and with it the end timestamp of its target
+        targets = ([target_tokens(tokenizer, special, u, timestamps=(u.task % 2 == 0)) for u in utterances]
+                   if speeds else [sequences[i] for i in batch])
+        longest = max(len(t) for t in targets)
         inputs = torch.full((len(batch), longest - 1), special.eot, dtype=torch.long)
         labels = torch.full((len(batch), longest - 1), -100, dtype=torch.long)
-        for row, i in enumerate(batch):
-            seq = torch.tensor(sequences[i])
+        for row, target in enumerate(targets):
+            seq = torch.tensor(target)
             inputs[row, : len(seq) - 1] = seq[:-1]
             labels[row, : len(seq) - 1] = seq[1:]
         return inputs.to(accelerator.device), labels.to(accelerator.device)
@@ -349,8 +381,9 @@ def train_lora(
             if step == total_steps:
                 break
             batch = shard(order[start : start + args.batch_size], rank, world)
-            encoded = encode(batch)
-            inputs, labels = decoder_batch(batch)
+            utterances = as_trained(batch)
+            encoded = encode(batch, utterances)
+            inputs, labels = decoder_batch(batch, utterances)
             with accelerator.autocast():
                 logits = model(encoder_outputs=(encoded,), decoder_input_ids=inputs).logits
             loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100)
