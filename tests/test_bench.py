@@ -341,6 +341,11 @@ def test_a_recipe_folder_resumes_what_ran_and_refuses_a_name_reused_for_other_se
     with pytest.raises(ValueError, match=r"'default' already ran in this folder with alpha=64, r=32 "
                                          r"\(now alpha=16, r=8\)"):
         already_run(ran, [Recipe("default")], {"default": recorded_arguments(recipe_lora(rank8, Recipe("default")))})
+    # a run recorded before a field was added trained as its default: still the same recipe, unless it now differs
+    older = [dataclasses.replace(runs[0], arguments={k: v for k, v in default.items() if k != "speed_perturb"})]
+    assert already_run(older, [Recipe("default")], {"default": default}) == {("default", 0)}
+    with pytest.raises(ValueError, match=r"with speed_perturb=0.0 \(now speed_perturb=0.1\)"):
+        already_run(older, [Recipe("default")], {"default": {**default, "speed_perturb": 0.1}})
 
     # a seed's ranking is computed once per key (corpus, sizes, base model) and read back after
     calls = []

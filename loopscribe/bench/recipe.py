@@ -141,7 +141,12 @@ def already_run(earlier: list[Run], recipes: list[Recipe],
     under the same name with other overrides or, where ``arguments`` (name → :func:`recorded_arguments`) and the
     run both say, other resolved arguments, e.g. "default" before ``LORA_R`` changed (its figures would be
     mistaken for this recipe's)."""
+    from training.lora import LoraArguments
+
     wanted = {r.name: as_json(r.overrides) for r in recipes}
+    # a run recorded before a field existed trained as that field's default does (a new field keeps the old behaviour
+    # as its default), so the field's default stands in for it
+    added_since = recorded_arguments(LoraArguments())
     done = set()
     for run in earlier:
         if run.recipe not in wanted:
@@ -150,10 +155,11 @@ def already_run(earlier: list[Run], recipes: list[Recipe],
             raise ValueError(f"recipe {run.recipe!r} already ran in this folder as {run.overrides or 'the default'} "
                              f"(now {wanted[run.recipe] or 'the default'}): rename it or use another --out")
         now = (arguments or {}).get(run.recipe)
-        if run.arguments is not None and now is not None and run.arguments != now:
-            changed = sorted(k for k in {*run.arguments, *now} if run.arguments.get(k) != now.get(k))
+        then = None if run.arguments is None else {**added_since, **run.arguments}
+        if then is not None and now is not None and then != now:
+            changed = sorted(k for k in {*then, *now} if then.get(k) != now.get(k))
             raise ValueError(f"recipe {run.recipe!r} already ran in this folder with "
-                             + ", ".join(f"{k}={run.arguments.get(k)}" for k in changed) + " (now "
+                             + ", ".join(f"{k}={then.get(k)}" for k in changed) + " (now "
                              + ", ".join(f"{k}={now.get(k)}" for k in changed) + "): rename it or use another --out")
         done.add((run.recipe, run.seed))
     return done
