@@ -210,7 +210,8 @@ class Settings:
     train_speed_perturb: float = setting(0.0, "TRAIN_SPEED_PERTURB", "speed perturbation: play each training "
                                          "utterance at every step at 1 - s, 1 or 1 + s times its speed (tempo "
                                          "and pitch, as another voice would; s = 0.1: Kaldi's 0.9/1.0/1.1); 0: "
-                                         "off; only where the whole encoder trains (LORA_ENCODER=1, all layers)",
+                                         "off (on speechocean762 0.1 learned no more: README, Benchmarks); only "
+                                         "where the whole encoder trains (LORA_ENCODER=1, all layers)",
                                          parse=_speed_share, group="training")
     train_learning_rate: float = setting(1e-3, "TRAIN_LEARNING_RATE", "AdamW learning rate (recipe: 1e-3), linear "
                                          "decay after warm-up", group="training")
