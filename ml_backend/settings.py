@@ -48,11 +48,15 @@ def _count(value: str) -> int:
     return number
 
 
-def _speed_share(value: str) -> float:
-    share = float(value)
+def speed_share(share: float) -> float:
+    """A speed perturbation share (TRAIN_SPEED_PERTURB, LoraArguments.speed_perturb): ValueError outside [0, 0.5)."""
     if not 0 <= share < 0.5:
         raise ValueError("must be at least 0 and below 0.5 (a share of the speed: 0.1 plays at 0.9, 1.0 or 1.1)")
     return share
+
+
+def _speed_share(value: str) -> float:
+    return speed_share(float(value))
 
 
 def _choice(*allowed: str) -> Callable[[str], str]:

@@ -30,7 +30,7 @@ import torch
 
 from ml_backend.audio import SAMPLE_RATE
 from ml_backend.decoding import SpecialTokens
-from ml_backend.settings import Settings
+from ml_backend.settings import Settings, speed_share
 from ml_backend.whisper import (
     MAX_TIMESTAMP_INDEX,
     TIME_PRECISION,
@@ -264,8 +264,10 @@ def train_lora(
 
     if not examples:
         raise ValueError("no training examples")
-    if not 0 <= args.speed_perturb < 0.5:
-        raise ValueError(f"speed_perturb must be at least 0 and below 0.5, not {args.speed_perturb}")
+    try:
+        speed_share(args.speed_perturb)
+    except ValueError as exc:
+        raise ValueError(f"speed_perturb {args.speed_perturb}: {exc}") from None
     started = time.perf_counter()
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -327,12 +329,11 @@ def train_lora(
         return torch.stack([encoder_cache[i] for i in batch])
 
     augment = torch.Generator().manual_seed(args.seed)
-    if args.spec_augment and frozen_below > 0:
-        log.warning("SpecAugment needs the whole encoder trained (its frozen layers' output is cached): not applied")
+    for augmentation, asked in (("SpecAugment", args.spec_augment), ("speed perturbation", args.speed_perturb)):
+        if asked and frozen_below > 0:
+            log.warning("%s needs the whole encoder trained (its frozen layers' output is cached): not applied",
+                        augmentation)
     speeds = (1 - args.speed_perturb, 1.0, 1 + args.speed_perturb) if args.speed_perturb and frozen_below == 0 else ()
-    if args.speed_perturb and frozen_below > 0:
-        log.warning("speed perturbation needs the whole encoder trained (its frozen layers' output is cached): "
-                    "not applied")
 
     def as_trained(batch: list[int]) -> list[Example]:
         """The batch's utterances as this step sees them: each at a speed drawn afresh when perturbing."""
