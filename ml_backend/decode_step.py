@@ -142,6 +142,8 @@ class DecodeStep:
         self.forced_length = zeros(b) - 1  # benchmarks: exactly this many tokens, then <|endoftext|>
         vocab = config.vocab_size
         self.noise = torch.ones(b, vocab, dtype=torch.float32, device=dev)  # Exp(1) draws for sampling rows
+        # one generator per slot, seeded per window at load: a window's draws depend on its seed alone
+        self.generators = [torch.Generator(device=dev) for _ in range(b)]
         # outputs: one column per sampled step, plus a scratch column for rows that record nothing
         self.out_tokens = zeros(b, rules.max_tokens + 1)
         self.out_entropy = zeros(b, rules.max_tokens + 1, dtype=torch.float32)
@@ -172,8 +174,9 @@ class DecodeStep:
 
     @torch.inference_mode()
     def load(self, rows: list[int], encoded: torch.Tensor, prompts: list[list[int]], temperatures: list[float],
-             forced_lengths: list[int] | None = None) -> None:
-        """Start decoding ``encoded`` (len(rows) × frames × d encoder outputs) in the given slots."""
+             forced_lengths: list[int] | None = None, seeds: list[int] | None = None) -> None:
+        """Start decoding ``encoded`` (len(rows) × frames × d encoder outputs) in the given slots; ``seeds``
+        start each slot's sampling generator (rows at temperature 0 never draw)."""
         index = torch.tensor(rows, device=self.device)
         encoded = encoded.to(self.dtype)
         shape = (len(rows), -1, self.heads, self.head_dim)
@@ -197,10 +200,14 @@ class DecodeStep:
                               (self.last_stamp, -1)):
             put(tensor, [value] * len(rows))
         put(self.done, [False] * len(rows))
+        for row, seed in zip(rows, seeds or [0] * len(rows)):
+            self.generators[row].manual_seed(seed)
 
-    def draw_noise(self, generator: torch.Generator | None) -> None:
-        """Fresh Exp(1) draws for the rows that sample (temperature > 0) at the next step."""
-        self.noise.exponential_(generator=generator)
+    def draw_noise(self, rows: list[int]) -> None:
+        """Fresh Exp(1) draws for the next step of ``rows``, the slots that sample (temperature > 0), each
+        from its own generator: what a window samples does not depend on its neighbours in the batch."""
+        for row in rows:
+            self.noise[row].exponential_(generator=self.generators[row])
 
     def release(self, rows: list[int]) -> None:
         """Mark slots empty (they keep stepping, masked, until refilled)."""

@@ -109,6 +109,7 @@ class DecodeRequest:
     features: torch.Tensor | None = None  # mels × frames; computed from ``samples`` when None
     temperature: float = 0.0
     tag: Any = None  # the caller's, handed back with the result
+    seed: int = 0  # starts this window's sampling draws (temperature > 0), whatever else shares the batch
     forced_length: int = -1  # benchmarks with random weights: exactly this many tokens
 
 
@@ -195,7 +196,6 @@ class WhisperDecoder:
         timestamps: bool = True,
         languages: Collection[str] | None = None,
         words: bool = False,
-        generator: torch.Generator | None = None,
         adapter_key: Any = None,
     ) -> None:
         """Decode every request; ``on_result`` gets each finished window and returns requests to queue next.
@@ -222,12 +222,13 @@ class WhisperDecoder:
                 rows = free[: len(queue)]
                 batch = [queue.popleft() for _ in rows]
                 step.load(rows, self.encode(self.features(batch)), [prompt] * len(rows),
-                          [r.temperature for r in batch], [r.forced_length for r in batch])
+                          [r.temperature for r in batch], [r.forced_length for r in batch], [r.seed for r in batch])
                 for slot, request in zip(rows, batch):
                     live[slot], age[slot] = request, 0
             for _ in range(self.check_every):
-                if any(r.temperature > 0 for r in live.values()):
-                    step.draw_noise(generator)
+                sampling = [s for s, r in live.items() if r.temperature > 0]
+                if sampling:
+                    step.draw_noise(sampling)
                 step.step(max(age[s] for s in live) + 1, adapter_key)
                 self.steps += 1
                 for s in live:

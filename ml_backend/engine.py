@@ -53,6 +53,12 @@ MIN_TAIL_SECONDS = 1.0  # an undecoded window end shorter than this is left alon
 MAX_TAIL_ROUNDS = 2
 
 
+def sampling_seed(samples: np.ndarray, attempt: int) -> int:
+    """The seed of a window's sampled attempt, from its audio: the same window samples the same
+    transcript in any batch, any request and any process (served, re-scored or evaluated alike)."""
+    return int(audio_lib.content_hash(samples)[:15], 16) + attempt
+
+
 def _adapter_name(version: str) -> str:
     """peft names adapters in module paths: no dots or slashes, whatever the version string holds."""
     return "v" + hashlib.sha1(version.encode()).hexdigest()[:16]
@@ -311,8 +317,10 @@ class WhisperEngine:
 
         def request(window: _Window, attempt: int = 0, rounds: int = 0,
                     features: torch.Tensor | None = None) -> DecodeRequest:
-            return DecodeRequest(samples=window.samples, features=features, temperature=temperatures[attempt],
-                                 tag=(window, attempt, rounds))
+            temperature = temperatures[attempt]
+            return DecodeRequest(samples=window.samples, features=features, temperature=temperature,
+                                 tag=(window, attempt, rounds),
+                                 seed=sampling_seed(window.samples, attempt) if temperature > 0 else 0)
 
         def settle(result: DecodeResult) -> list[DecodeRequest]:
             window, attempt, rounds = result.request.tag
@@ -342,8 +350,7 @@ class WhisperEngine:
         self.decoder.run(
             [request(w) for w in sorted(windows, key=lambda w: -w.duration)], settle,
             task=options.task, timestamps=options.timestamps, languages=languages,
-            words=options.word_timestamps, generator=torch.Generator(device=self.device).manual_seed(0),
-            adapter_key=self._active_adapter,
+            words=options.word_timestamps, adapter_key=self._active_adapter,
         )
         return done
 

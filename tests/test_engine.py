@@ -126,16 +126,19 @@ def test_forced_unknown_language_is_a_clear_error(engine, clip):
 
 
 def test_temperature_fallback_runs_every_temperature_and_is_reproducible(engine, clip, monkeypatch):
-    """Force every window to 'fail' the checks: each temperature is decoded once, seeded."""
+    """Force every window to 'fail' the checks: each temperature is decoded once, seeded by the window's
+    audio, so a clip samples the same tokens alone and beside another clip."""
     from ml_backend import uncertainty
 
     monkeypatch.setattr(uncertainty.Uncertainty, "needs_fallback", lambda self: True)
     temperatures: list[float] = []
+    attempts: list[tuple[int, float, list[int]]] = []  # (window length, temperature, tokens)
     real_run = engine.decoder.run
 
     def spy(requests, on_result, **kwargs):
         def seen(result):
             temperatures.append(result.request.temperature)
+            attempts.append((len(result.request.samples), result.request.temperature, result.sequence.tokens))
             return on_result(result)
         return real_run(requests, seen, **kwargs)
 
@@ -148,6 +151,14 @@ def test_temperature_fallback_runs_every_temperature_and_is_reproducible(engine,
     assert temperatures == [0.0, 0.5, 1.0] * 2
     assert first.text == second.text and first.uncertainty == second.uncertainty
     assert not first.uncertainty.looks_like_repetition
+    alone = sorted(attempts[:3])  # one window: its three attempts, in the first run
+    assert sorted(attempts[3:]) == alone
+    assert len({tuple(tokens) for _, _, tokens in alone}) > 1  # sampling drew other tokens than greedy
+
+    attempts.clear()
+    engine.clear_cache()
+    engine.transcribe([clip("dictee_fr.aiff"), clip("jfk_en.flac")], options)
+    assert [a for a in sorted(attempts) if a[0] == alone[0][0]] == alone
 
 
 def test_an_adapter_beside_the_shared_base_decodes_as_its_merged_model(settings, clip, tmp_path):
