@@ -593,7 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(repeatable: seeds run apart; recipes missing a seed are left out)")
     p.add_argument("--recipe", action="append", help="NAME:key=value;key=value, fields of "
                    "LoraArguments (lists joined with +), e.g. 'lr2e-3:learning_rate=0.002' or "
-                   "'attention:target_modules=q_proj+k_proj+v_proj+out_proj'; repeatable; the first is the "
+                   "'attention:target_modules=q_proj+k_proj+v_proj+out_proj', or pseudo=N: also train on the N "
+                   "pool utterances the base is surest of, with its own transcripts; repeatable; the first is the "
                    "reference (default: the settings' own recipe, named default)")
     p.add_argument("--seed", type=int, default=0, help="first seed (split, pool and training)")
     p.add_argument("--seeds", type=int, default=2, help="seeds to run")

@@ -263,9 +263,40 @@ def test_a_recipe_names_the_lora_arguments_it_changes_and_refuses_others():
     assert recipe.overrides == {"target_modules": ("q_proj", "k_proj", "v_proj"), "learning_rate": 0.002,
                                 "encoder": False, "r": 8}
     assert parse_recipe("default").overrides == {}
-    for bad in ("x:device=cpu", "x:lr=1", "x:r=eight", ":r=8", "x:r", "../x:r=8"):
+    selftrained = parse_recipe("self:pseudo=100;r=8")  # a key of the benchmark's own, not LoRA's
+    assert selftrained.pseudo == 100 and selftrained.lora_overrides == {"r": 8}
+    assert parse_recipe("x:r=8").pseudo == 0
+    for bad in ("x:device=cpu", "x:lr=1", "x:r=eight", ":r=8", "x:r", "../x:r=8", "x:pseudo=-1", "x:pseudo=a"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_recipe(bad)
+
+
+def test_self_training_takes_the_surest_transcribed_clips_outside_the_trained_ones(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import loopscribe.bench.recipe as recipe
+    from ml_backend.settings import Settings
+
+    transcripts = [(0.9, "a"), (0.2, "b"), (0.95, " "), (0.8, "d"), (0.99, "e"), (0.5, "f")]
+    assert recipe.surest(transcripts, {4}, 2) == [0, 3]  # the surest, not trained on already, with words
+    assert recipe.surest(transcripts, set(), 0) == []
+    assert recipe.recipe_lora(Settings(), recipe.parse_recipe("self:pseudo=5")).r == Settings().lora_r
+
+    calls = []
+
+    class Engine:
+        def transcribe(self, audio, options):
+            calls.append(audio)
+            return [SimpleNamespace(confidence=0.5 + i / 10, text=f"t{i}") for i in range(len(audio))]
+
+    monkeypatch.setattr(recipe, "load", lambda path: path)
+    clips = [SimpleNamespace(path="x.wav"), SimpleNamespace(path="y.wav")]
+    cache = tmp_path / "pool-0.json"
+    first = recipe.transcribed_pool(cache, {"seed": 0}, Engine(), clips, None)
+    assert first == [(0.5, "t0"), (0.6, "t1")] and calls == [["x.wav", "y.wav"]]
+    assert recipe.transcribed_pool(cache, {"seed": 0}, Engine(), clips, None) == first and len(calls) == 1  # kept
+    recipe.transcribed_pool(cache, {"seed": 1}, Engine(), clips, None)
+    assert len(calls) == 2  # another seed's pool is transcribed again
 
 
 def test_recipes_are_compared_with_the_first_per_seed_and_per_utterance(tmp_path, capsys):

@@ -10,7 +10,10 @@ adapter per recipe on exactly those with the product's training function, and sc
 the same held-out speakers (language forced, so it is learning, not language fixing) and on the
 general-speech regression set. Recipes are compared with the first one per utterance (the gate's paired
 bootstrap, pooled over seeds) and per seed. A recipe that changes only the training seed (``seed=…``)
-shows how much training randomness alone moves a figure.
+shows how much training randomness alone moves a figure. ``pseudo=N`` (a key of this benchmark, not of
+LoRA) adds self-training: the ``N`` pool utterances the base model is surest of, outside the trained ones,
+with the base model's own transcripts as targets (what the project's pre-annotations of unannotated tasks
+would give).
 
 An ``--out`` folder accumulates: every run is appended to its ``runs.json`` as it ends, with the settings it
 changed and the arguments it trained with, and each seed's ranking and base score go to ``base-SEED.json``.
@@ -43,6 +46,7 @@ if TYPE_CHECKING:
     from training.lora import LoraArguments
 
 FIXED = ("device", "dtype", "init_adapter")  # not a recipe's to change: the machine's, or a live model's
+BENCH_KEYS: dict[str, int] = {"pseudo": 0}  # recipe keys of this benchmark, not LoraArguments fields
 
 
 @dataclass(frozen=True)
@@ -52,14 +56,24 @@ class Recipe:
     name: str
     overrides: dict[str, object] = field(default_factory=dict)
 
+    @property
+    def pseudo(self) -> int:
+        """How many of the base model's surest pool transcripts it adds to the training utterances."""
+        return int(self.overrides.get("pseudo", 0))  # type: ignore[call-overload]
+
+    @property
+    def lora_overrides(self) -> dict[str, object]:
+        return {k: v for k, v in self.overrides.items() if k not in BENCH_KEYS}
+
 
 def parse_recipe(text: str) -> Recipe:
-    """``NAME`` or ``NAME:key=value;key=value`` (LoraArguments fields; lists joined with ``+``)."""
+    """``NAME`` or ``NAME:key=value;key=value`` (LoraArguments fields or :data:`BENCH_KEYS`; lists joined
+    with ``+``)."""
     from training.lora import LoraArguments
 
     name, _, spec = text.partition(":")
     defaults = LoraArguments()
-    known = {f.name for f in dataclasses.fields(LoraArguments)} - set(FIXED)
+    known = {f.name for f in dataclasses.fields(LoraArguments)} - set(FIXED) | set(BENCH_KEYS)
     overrides: dict[str, object] = {}
     for pair in filter(None, spec.split(";")):
         key, sep, raw = pair.partition("=")
@@ -67,7 +81,7 @@ def parse_recipe(text: str) -> Recipe:
         if not sep or key not in known:
             raise argparse.ArgumentTypeError(f"recipe {name!r}: {pair!r} is not key=value with a key of "
                                              f"{', '.join(sorted(known))}")
-        current = getattr(defaults, key)
+        current = BENCH_KEYS[key] if key in BENCH_KEYS else getattr(defaults, key)
         try:
             if isinstance(current, bool):
                 value: object = raw.strip().lower() in ("1", "true", "yes", "on")
@@ -77,6 +91,8 @@ def parse_recipe(text: str) -> Recipe:
                 value = type(current)(raw)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(f"recipe {name!r}: {key}={raw!r}: {exc}") from exc
+        if key in BENCH_KEYS and int(value) < 0:  # type: ignore[call-overload]
+            raise argparse.ArgumentTypeError(f"recipe {name!r}: {key} counts utterances, not {raw!r}")
         overrides[key] = value
     if not re.fullmatch(r"[\w.+-]+", name):  # it names a folder and a table row
         raise argparse.ArgumentTypeError(f"{text!r}: a recipe needs a name of letters, digits and . + - _")
@@ -114,7 +130,7 @@ def recipe_lora(settings: Settings, recipe: Recipe, seed: int = 0) -> LoraArgume
     """The LoRA arguments a recipe trains with: the settings' own (``LORA_R``, …) with its overrides."""
     from training.lora import LoraArguments
 
-    overrides: dict[str, Any] = recipe.overrides  # parse_recipe typed each value as its field
+    overrides: dict[str, Any] = recipe.lora_overrides  # parse_recipe typed each value as its field
     return replace(LoraArguments.from_settings(settings, seed=seed), **overrides)
 
 
@@ -169,6 +185,22 @@ def least_confident(engine, clips, options, n: int) -> list[int]:
     """Indices of the ``n`` clips the model is least sure of: the order ``/next`` serves them in."""
     hyps = engine.transcribe([load(c.path) for c in clips], options)
     return sorted(range(len(clips)), key=lambda i: hyps[i].confidence)[:n]
+
+
+def transcribed_pool(cache: Path, key: dict, engine, clips, options) -> list[tuple[float, str]]:
+    """Each pool clip's (confidence, transcript) by the base model, kept in ``cache`` for the same ``key``."""
+    kept = kept_base(cache)
+    if kept.get("key") != key:
+        hyps = engine.transcribe([load(c.path) for c in clips], options)
+        kept = {"key": key, "transcripts": [(h.confidence, h.text) for h in hyps]}
+        cache.write_text(json.dumps(kept, indent=1))
+    return [(float(c), str(t)) for c, t in kept["transcripts"]]
+
+
+def surest(transcripts: list[tuple[float, str]], outside: Collection[int], n: int) -> list[int]:
+    """Indices of the ``n`` clips with the most confident (non-empty) transcripts, leaving out ``outside``."""
+    candidates = (i for i, (_, text) in enumerate(transcripts) if i not in outside and text.strip())
+    return sorted(candidates, key=lambda i: -transcripts[i][0])[:n]
 
 
 def kept_base(cache: Path) -> dict:
@@ -231,6 +263,9 @@ def run_seed(args: argparse.Namespace, settings: Settings, base_engine, language
     ranked = base_of_seed(base_cache(args.out, seed), key, rank_and_score)
     train = [Example(i, load(pool[i].path), pool[i].text, pool[i].language) for i in ranked["picked"]]
     base_error = ranked["error"]
+    transcripts: list[tuple[float, str]] = []
+    if any(r.pseudo for r in recipes):
+        transcripts = transcribed_pool(Path(args.out) / f"pool-{seed}.json", key, base_engine, pool, forced)
     print(f"seed {seed}: {len(train)} least confident of a pool of {len(pool)} to train on, {len(heldout)} "
           f"held-out utterances of other speakers; base {base_error:.3f} ({language} forced)", flush=True)
     work = Path(tempfile.mkdtemp(prefix="bench-recipe-", dir=settings.home))
@@ -238,7 +273,9 @@ def run_seed(args: argparse.Namespace, settings: Settings, base_engine, language
     try:
         for recipe in recipes:
             lora = recipe_lora(settings, recipe, seed)
-            result = train_lora(base.path, train, lora, work / recipe.name, progress=False)
+            extra = [Example(i, load(pool[i].path), transcripts[i][1], language)
+                     for i in surest(transcripts, set(ranked["picked"]), recipe.pseudo)] if recipe.pseudo else []
+            result = train_lora(base.path, train + extra, lora, work / recipe.name, progress=False)
             candidate = replace(base, version=f"{base.version}-recipe-{recipe.name}-{seed}",
                                 adapter=str(result.adapter_dir), base_version=base.version)
             engine = WhisperEngine(settings, resolved=candidate)
