@@ -55,7 +55,8 @@ MAX_TAIL_ROUNDS = 2
 
 def sampling_seed(samples: np.ndarray, attempt: int) -> int:
     """The seed of a window's sampled attempt, from its audio: the same window samples the same
-    transcript in any batch, any request and any process (served, re-scored or evaluated alike)."""
+    transcript in any batch, request or process on the same kind of device (served, re-scored or
+    evaluated alike)."""
     return int(audio_lib.content_hash(samples)[:15], 16) + attempt
 
 
