@@ -16,7 +16,8 @@ with the base model's own transcripts as targets (what the project's pre-annotat
 would give).
 
 An ``--out`` folder accumulates: every run is appended to its ``runs.json`` as it ends, with the settings it
-changed and the arguments it trained with, and each seed's ranking and base score go to ``base-SEED.json``.
+changed and the arguments it trained with, and each seed's ranking and base score go to ``base-SEED.json`` (the
+base model's transcripts of its pool, which the ranking and ``pseudo=N`` read, to ``pool-SEED.json``).
 Run again into the same folder and the recipes already run on a seed are not run again, nor is the base
 model's ranking of a seed redone: a stopped benchmark resumes, and a new recipe costs only its own training.
 """
@@ -181,20 +182,18 @@ def already_run(earlier: list[Run], recipes: list[Recipe],
     return done
 
 
-def least_confident(engine, clips, options, n: int) -> list[int]:
+def least_confident(transcripts: list[tuple[float, str]], n: int) -> list[int]:
     """Indices of the ``n`` clips the model is least sure of: the order ``/next`` serves them in."""
-    hyps = engine.transcribe([load(c.path) for c in clips], options)
-    return sorted(range(len(clips)), key=lambda i: hyps[i].confidence)[:n]
+    return sorted(range(len(transcripts)), key=lambda i: transcripts[i][0])[:n]
 
 
 def transcribed_pool(cache: Path, key: dict, engine, clips, options) -> list[tuple[float, str]]:
     """Each pool clip's (confidence, transcript) by the base model, kept in ``cache`` for the same ``key``."""
-    kept = kept_base(cache)
-    if kept.get("key") != key:
+    def transcribe() -> dict:
         hyps = engine.transcribe([load(c.path) for c in clips], options)
-        kept = {"key": key, "transcripts": [(h.confidence, h.text) for h in hyps]}
-        cache.write_text(json.dumps(kept, indent=1))
-    return [(float(c), str(t)) for c, t in kept["transcripts"]]
+        return {"transcripts": [(h.confidence, h.text) for h in hyps]}
+
+    return [(float(c), str(t)) for c, t in base_of_seed(cache, key, transcribe)["transcripts"]]
 
 
 def surest(transcripts: list[tuple[float, str]], outside: Collection[int], n: int) -> list[int]:
@@ -213,9 +212,9 @@ def kept_base(cache: Path) -> dict:
 
 
 def base_of_seed(cache: Path, key: dict, compute: Callable[[], dict]) -> dict:
-    """A seed's ranking and base score, from ``cache`` when it was made for the same ``key`` (corpus, sizes,
-    base model, language), else computed and kept there: ranking a pool with the base model is the slow part
-    of a seed that no recipe changes."""
+    """What the base model gives for a seed (its ranking and score, its pool's transcripts), from ``cache`` when
+    it was made for the same ``key`` (corpus, sizes, base model, language), else computed and kept there:
+    decoding with the base model is the slow part of a seed that no recipe changes."""
     kept = kept_base(cache)
     if kept.get("key") == key:
         return kept
@@ -256,16 +255,17 @@ def run_seed(args: argparse.Namespace, settings: Settings, base_engine, language
     forced = TranscribeOptions(language=language, word_timestamps=False)
     heldout_examples = [Example(-(i + 1), load(c.path), c.text, c.language) for i, c in enumerate(heldout)]
 
+    def pool_transcripts() -> list[tuple[float, str]]:  # one decode of the pool serves ranking and self-training
+        return transcribed_pool(Path(args.out) / f"pool-{seed}.json", key, base_engine, pool, forced)
+
     def rank_and_score() -> dict:
-        picked = least_confident(base_engine, pool, forced, args.train)
+        picked = least_confident(pool_transcripts(), args.train)
         return {"picked": picked, "error": evaluate(base_engine, heldout_examples, forced).error_rate}
 
     ranked = base_of_seed(base_cache(args.out, seed), key, rank_and_score)
     train = [Example(i, load(pool[i].path), pool[i].text, pool[i].language) for i in ranked["picked"]]
     base_error = ranked["error"]
-    transcripts: list[tuple[float, str]] = []
-    if any(r.pseudo for r in recipes):
-        transcripts = transcribed_pool(Path(args.out) / f"pool-{seed}.json", key, base_engine, pool, forced)
+    transcripts = pool_transcripts() if any(r.pseudo for r in recipes) else []
     print(f"seed {seed}: {len(train)} least confident of a pool of {len(pool)} to train on, {len(heldout)} "
           f"held-out utterances of other speakers; base {base_error:.3f} ({language} forced)", flush=True)
     work = Path(tempfile.mkdtemp(prefix="bench-recipe-", dir=settings.home))
