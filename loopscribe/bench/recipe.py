@@ -202,8 +202,9 @@ def surest(transcripts: list[tuple[float, str]], outside: Collection[int], n: in
     return sorted(candidates, key=lambda i: -transcripts[i][0])[:n]
 
 
-def kept_base(cache: Path) -> dict:
-    """What ``base_of_seed`` kept in ``cache`` ({} when nothing readable is there)."""
+def read_kept(cache: Path) -> dict:
+    """What :func:`base_of_seed` kept in a seed's cache file (a ranking, a pool's transcripts; {} when nothing
+    readable is there)."""
     try:
         kept = json.loads(cache.read_text())
         return kept if isinstance(kept, dict) else {}
@@ -215,7 +216,7 @@ def base_of_seed(cache: Path, key: dict, compute: Callable[[], dict]) -> dict:
     """What the base model gives for a seed (its ranking and score, its pool's transcripts), from ``cache`` when
     it was made for the same ``key`` (corpus, sizes, base model, language), else computed and kept there:
     decoding with the base model is the slow part of a seed that no recipe changes."""
-    kept = kept_base(cache)
+    kept = read_kept(cache)
     if kept.get("key") == key:
         return kept
     value = {"key": key, **compute()}
@@ -409,7 +410,7 @@ def bench_recipe(args: argparse.Namespace, settings: Settings) -> int:
     base_version = resolve_base(settings).version
     keys = {seed: seed_key(args, seed, base_version, languages[0]) for seed in seeds}
     for seed in sorted({s for _, s in done}):
-        if kept_base(base_cache(out, seed)).get("key") != keys[seed]:
+        if read_kept(base_cache(out, seed)).get("key") != keys[seed]:
             print(f"{out} holds runs of seed {seed} made on another corpus, sizes or base model "
                   f"({base_cache(out, seed).name}): use another --out")
             return 2
