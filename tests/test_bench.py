@@ -136,6 +136,11 @@ def test_summary_of_several_seeds(capsys):
     again = summarize(curves, [0, 1], None, "en")
     assert again["last_candidate_forced_relative_drop"]["entropy"][0] == pytest.approx((0.2 + 0.5) / 2)
     assert "last candidate, language forced 35.0%" in capsys.readouterr().out
+    assert "forced_greedy_relative_drop" not in again  # no model was read greedily
+    curves[0].forced_greedy, curves[2].forced_greedy = (0.4, 0.3), (0.5, 0.3)
+    greedy = summarize(curves, [0, 1], None, "en")["forced_greedy_relative_drop"]
+    assert greedy["entropy"][0] == pytest.approx((0.25 + 0.4) / 2) and "random" not in greedy
+    assert "(greedy, no fallback draws: 32.5%" in capsys.readouterr().out
     curves[0].general, curves[2].general = [(0.05, 0.06), (0.06, 0.052)], [(0.05, 0.05), (0.05, 0.054)]
     curves[0].wrong_language, curves[2].wrong_language = [3, 1, 0], [2, 2, 1]
     again = summarize(curves, [0, 1], None, "en", general_margin=0.005)

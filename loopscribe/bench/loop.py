@@ -35,7 +35,8 @@ by speaker so the held-out speakers are never heard in training; each of ``--see
 its own split and pool, both strategies run on the same one, and every point is reported as
 the mean over seeds with a 95 % interval (t distribution), plus the label saving. The held-out
 error is also measured with the language forced at the start and the end, so learning is told
-apart from fixing the detected language.
+apart from fixing the detected language, and once more greedily (no temperature fallback): the
+fallback's sampled attempts move a reading by a few points, and a relative drop divides by one.
 """
 
 from __future__ import annotations
@@ -99,6 +100,7 @@ class Curve:
     # whether the gate's sample is big enough, apart from forgetting
     evidence: list[tuple[str, str]] = field(default_factory=list)
     forced: tuple[float, float] | None = None  # live model's held-out error with the language forced: first, last
+    forced_greedy: tuple[float, float] | None = None  # the same, decoded greedily: no fallback draws in either
     candidates_forced: list[float] = field(default_factory=list)  # each candidate's, with the language forced
     general: list[tuple[float, float]] = field(default_factory=list)  # regression set (live, candidate) per round
     wrong_language: list[int] = field(default_factory=list)  # held-out utterances heard in another language:
@@ -273,6 +275,7 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
     work = Path(tempfile.mkdtemp(prefix="bench-loop-", dir=settings.home))
     rng = random.Random(seed)
     forced = TranscribeOptions(language=args.force_language, word_timestamps=False) if args.force_language else None
+    greedy = replace(forced or served, temperatures=(0.0,)) if args.force_language else None
     if forced == served:
         forced = None  # the project already forces that language: "as served" is "forced"
 
@@ -286,6 +289,7 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
         live_error, live_engine = live_report.error_rate, None
         curve.wrong_language.append(wrong_language(live_report))
         forced_first = forced_error(base_engine, live_report) if args.force_language else None
+        greedy_first = evaluate(base_engine, heldout_examples, greedy).error_rate if greedy else None
         curve.points.append((0, live_error))
         print(f"  {strategy:8s} seed {seed} round 0: {0:4d} corrections, held-out error {live_error:.3f}"
               + (f" (language forced: {forced_first:.3f})" if forced_first is not None else ""), flush=True)
@@ -404,6 +408,9 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
             gc.collect()
         if forced_first is not None:
             curve.forced = (forced_first, forced_error(live_engine or base_engine, live_report))
+        if greedy is not None and greedy_first is not None:
+            curve.forced_greedy = (greedy_first,
+                                   evaluate(live_engine or base_engine, heldout_examples, greedy).error_rate)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if not args.keep:
@@ -611,6 +618,12 @@ def summarize(curves: list[Curve], seeds: list[int], corpus: Path | None, force_
             fm, flo, fhi = mean_interval(forced)
             line += f"; with the language forced ({force_language}) {fm:.1%} [{flo:.1%}, {fhi:.1%}]"
             summary.setdefault("forced_relative_drop", {})[s] = [fm, flo, fhi]
+        greedy = [(c.forced_greedy[0] - c.forced_greedy[1]) / c.forced_greedy[0] for c in runs
+                  if c.forced_greedy and c.forced_greedy[0]]
+        if greedy:  # the same without the fallback's sampled attempts, which move each reading a little
+            gm, glo, ghi = mean_interval(greedy)
+            line += f" (greedy, no fallback draws: {gm:.1%} [{glo:.1%}, {ghi:.1%}])"
+            summary.setdefault("forced_greedy_relative_drop", {})[s] = [gm, glo, ghi]
         last = [(c.forced[0] - c.candidates_forced[-1]) / c.forced[0] for c in runs
                 if c.forced and c.forced[0] and c.candidates_forced]
         if last:  # what the last round's training learned, whatever the gate made of it
