@@ -621,9 +621,9 @@ def summarize(curves: list[Curve], seeds: list[int], corpus: Path | None, force_
         greedy = [(c.forced_greedy[0] - c.forced_greedy[1]) / c.forced_greedy[0] for c in runs
                   if c.forced_greedy and c.forced_greedy[0]]
         if greedy:  # the same without the fallback's sampled attempts, which move each reading a little
-            gm, glo, ghi = mean_interval(greedy)
-            line += f" (greedy, no fallback draws: {gm:.1%} [{glo:.1%}, {ghi:.1%}])"
-            summary.setdefault("forced_greedy_relative_drop", {})[s] = [gm, glo, ghi]
+            dm, dlo, dhi = mean_interval(greedy)
+            line += f" (greedy, no fallback draws: {dm:.1%} [{dlo:.1%}, {dhi:.1%}])"
+            summary.setdefault("forced_greedy_relative_drop", {})[s] = [dm, dlo, dhi]
         last = [(c.forced[0] - c.candidates_forced[-1]) / c.forced[0] for c in runs
                 if c.forced and c.forced[0] and c.candidates_forced]
         if last:  # what the last round's training learned, whatever the gate made of it
