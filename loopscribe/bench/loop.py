@@ -275,7 +275,7 @@ def run_strategy(strategy: str, args: argparse.Namespace, settings: Settings, ls
     work = Path(tempfile.mkdtemp(prefix="bench-loop-", dir=settings.home))
     rng = random.Random(seed)
     forced = TranscribeOptions(language=args.force_language, word_timestamps=False) if args.force_language else None
-    greedy = replace(forced or served, temperatures=(0.0,)) if args.force_language else None
+    greedy = replace(forced, temperatures=(0.0,)) if forced else None  # before forced may give way to served
     if forced == served:
         forced = None  # the project already forces that language: "as served" is "forced"
 
