@@ -84,6 +84,15 @@ def test_mean_interval_over_seeds():
     assert mean_interval([0.5]) == (0.5, 0.5, 0.5)
 
 
+def test_mean_relative_drop_skips_runs_without_a_first_reading():
+    from loopscribe.bench.loop import mean_relative_drop
+
+    assert mean_relative_drop([(0.4, 0.3), (0.0, 0.1)]) == pytest.approx((0.25, 0.25, 0.25))
+    mean, lo, hi = mean_relative_drop([(0.4, 0.3), (0.5, 0.25)])
+    assert mean == pytest.approx(0.375) and lo < mean < hi
+    assert mean_relative_drop([(0.0, 0.1)]) is None and mean_relative_drop([]) is None
+
+
 def test_the_reserved_test_split_is_never_written(tmp_path):
     import pytest
 

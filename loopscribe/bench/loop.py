@@ -461,6 +461,13 @@ def mean_interval(values: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
+def mean_relative_drop(pairs: list[tuple[float, float]]) -> tuple[float, float, float] | None:
+    """:func:`mean_interval` of ``(first - last) / first`` over (first, last) readings of the runs that have a
+    first reading (None when none does)."""
+    drops = [(first - last) / first for first, last in pairs if first]
+    return mean_interval(drops) if drops else None
+
+
 def mean_curve(curves: list[Curve]) -> Curve:
     """Seeds averaged point by point (every seed has the same rounds and k)."""
     rounds = min(len(c.points) for c in curves)
@@ -610,26 +617,22 @@ def summarize(curves: list[Curve], seeds: list[int], corpus: Path | None, force_
                               for n, live, cand in summary["paired_difference"][ranked]))
     for s in strategies:
         runs = [c for c in curves if c.strategy == s]
-        drops = [(c.points[0][1] - c.points[-1][1]) / c.points[0][1] for c in runs if c.points[0][1]]
-        m, lo, hi = mean_interval(drops)
+        served = mean_relative_drop([(c.points[0][1], c.points[-1][1]) for c in runs])
+        m, lo, hi = served or (float("nan"),) * 3  # no run had a first reading above 0
         line = f"{s}: relative drop as served {m:.1%} [{lo:.1%}, {hi:.1%}]"
-        forced = [(c.forced[0] - c.forced[1]) / c.forced[0] for c in runs if c.forced and c.forced[0]]
+        forced = mean_relative_drop([c.forced for c in runs if c.forced])
         if forced:
-            fm, flo, fhi = mean_interval(forced)
-            line += f"; with the language forced ({force_language}) {fm:.1%} [{flo:.1%}, {fhi:.1%}]"
-            summary.setdefault("forced_relative_drop", {})[s] = [fm, flo, fhi]
-        greedy = [(c.forced_greedy[0] - c.forced_greedy[1]) / c.forced_greedy[0] for c in runs
-                  if c.forced_greedy and c.forced_greedy[0]]
+            line += f"; with the language forced ({force_language}) {forced[0]:.1%} [{forced[1]:.1%}, {forced[2]:.1%}]"
+            summary.setdefault("forced_relative_drop", {})[s] = list(forced)
+        greedy = mean_relative_drop([c.forced_greedy for c in runs if c.forced_greedy])
         if greedy:  # the same without the fallback's sampled attempts, which move each reading a little
-            dm, dlo, dhi = mean_interval(greedy)
-            line += f" (greedy, no fallback draws: {dm:.1%} [{dlo:.1%}, {dhi:.1%}])"
-            summary.setdefault("forced_greedy_relative_drop", {})[s] = [dm, dlo, dhi]
-        last = [(c.forced[0] - c.candidates_forced[-1]) / c.forced[0] for c in runs
-                if c.forced and c.forced[0] and c.candidates_forced]
+            line += f" (greedy, no fallback draws: {greedy[0]:.1%} [{greedy[1]:.1%}, {greedy[2]:.1%}])"
+            summary.setdefault("forced_greedy_relative_drop", {})[s] = list(greedy)
+        last = mean_relative_drop([(c.forced[0], c.candidates_forced[-1]) for c in runs
+                                   if c.forced and c.candidates_forced])
         if last:  # what the last round's training learned, whatever the gate made of it
-            cm, clo, chi = mean_interval(last)
-            line += f"; last candidate, language forced {cm:.1%} [{clo:.1%}, {chi:.1%}]"
-            summary.setdefault("last_candidate_forced_relative_drop", {})[s] = [cm, clo, chi]
+            line += f"; last candidate, language forced {last[0]:.1%} [{last[1]:.1%}, {last[2]:.1%}]"
+            summary.setdefault("last_candidate_forced_relative_drop", {})[s] = list(last)
         general = [c.general[-1][1] - c.general[0][0] for c in runs if c.general]
         if general:  # forgetting: the last candidate against the base on the regression set, in points
             gm, glo, ghi = mean_interval(general)
