@@ -21,7 +21,7 @@ from ml_backend.splits import (
     split_position,
 )
 from training.dataset import Example, frozen_splits
-from training.lora import LoraArguments, target_tokens
+from training.lora import LoraArguments, target_tokens, timestamped
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,15 @@ def test_target_sequence_has_language_task_and_timestamps(whisper_tokens):
     assert tokenizer.decode(with_ts[4:-2]).strip() == "Restart Zorvex now."
     plain = target_tokens(tokenizer, special, example, timestamps=False)
     assert plain[3] == special.no_timestamps and plain[-1] == special.eot
+
+
+def test_timestamped_share_picks_that_share_of_consecutive_tasks():
+    assert [t for t in range(1, 9) if timestamped(t, LoraArguments().timestamped_share)] == [2, 4, 6, 8]
+    assert all(timestamped(t, 1.0) for t in range(50)) and not any(timestamped(t, 0.0) for t in range(50))
+    for share in (0.1, 0.25, 0.7):
+        picked = sum(timestamped(t, share) for t in range(1, 1001))
+        assert abs(picked - 1000 * share) <= 1
+        assert abs(sum(timestamped(t, share) for t in range(1, 21)) - 20 * share) <= 1  # even in a short run
 
 
 def test_split_is_deterministic_and_frozen(tmp_path):

@@ -3,8 +3,8 @@
 Each utterance is trained as Whisper was: ``<|startoftranscript|><|lang|><|transcribe|>``
 then the text, half of them with a ``<|0.00|> … <|end|>`` timestamp pair (the serving
 engine decodes with timestamps), half with ``<|notimestamps|>``, so neither mode is
-forgotten. The annotated language token is part of the target, which also teaches the
-language head.
+forgotten (``timestamped_share`` sets the half). The annotated language token is part of the
+target, which also teaches the language head.
 
 With ``encoder=False`` only the decoder gets adapters. The encoder is then frozen and
 deterministic, so its output is computed once per utterance and reused in every epoch: 5-10x
@@ -68,6 +68,7 @@ class LoraArguments:
     batch_size: int = 8
     warmup_ratio: float = 0.1
     weight_decay: float = 0.0
+    timestamped_share: float = 0.5  # share of utterances trained with a timestamp pair, the rest <|notimestamps|>
     seed: int = 0
     device: str = "auto"  # WHISPER_DEVICE: the same choice as serving
     dtype: str = "auto"  # WHISPER_DTYPE: fp16/bf16 become mixed precision, fp32 none
@@ -113,6 +114,12 @@ class Progress:
     total_steps: int
     loss: float
     eta_s: float
+
+
+def timestamped(task: int, share: float) -> bool:
+    """Whether task ``task``'s utterance trains with a timestamp pair: a ``share`` of consecutive task ids,
+    spread evenly (at 0.5 the even ids), so the choice is the same in every epoch and every process."""
+    return math.floor((task + 2) * share) > math.floor((task + 1) * share)
 
 
 def target_tokens(tokenizer, special: SpecialTokens, example: Example, timestamps: bool) -> list[int]:
@@ -268,6 +275,8 @@ def train_lora(
         speed_share(args.speed_perturb)
     except ValueError as exc:
         raise ValueError(f"speed_perturb {args.speed_perturb}: {exc}") from None
+    if not 0 <= args.timestamped_share <= 1:
+        raise ValueError(f"timestamped_share must be in [0, 1], not {args.timestamped_share}")
     started = time.perf_counter()
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -294,7 +303,8 @@ def train_lora(
     log.info("LoRA r=%d alpha=%d on %s (%s): %.2f M trainable parameters, %d examples",
              args.r, args.alpha, "|".join(args.target_modules), scope, trainable / 1e6, len(examples))
 
-    sequences = [target_tokens(tokenizer, special, ex, timestamps=(ex.task % 2 == 0)) for ex in examples]
+    sequences = [target_tokens(tokenizer, special, ex, timestamps=timestamped(ex.task, args.timestamped_share))
+                 for ex in examples]
     steps_per_epoch = math.ceil(len(examples) / args.batch_size)
     total_steps = steps_per_epoch * args.epochs
     if args.max_steps:
@@ -356,7 +366,8 @@ def train_lora(
 
     def decoder_batch(batch: list[int], utterances: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
         # a perturbed utterance's length changed, and with it the end timestamp of its target
-        targets = ([target_tokens(tokenizer, special, u, timestamps=(u.task % 2 == 0)) for u in utterances]
+        targets = ([target_tokens(tokenizer, special, u, timestamps=timestamped(u.task, args.timestamped_share))
+                    for u in utterances]
                    if speeds else [sequences[i] for i in batch])
         longest = max(len(t) for t in targets)
         inputs = torch.full((len(batch), longest - 1), special.eot, dtype=torch.long)
