@@ -41,6 +41,13 @@ def _fraction(value: str) -> float:
     return number
 
 
+def _share(value: str) -> float:
+    number = float(value)
+    if not 0 <= number <= 1:
+        raise ValueError("expected a share from 0 to 1")
+    return number
+
+
 def _count(value: str) -> int:
     number = int(value)
     if number < 0:
@@ -217,6 +224,10 @@ class Settings:
                                          "off (on speechocean762 0.1 learned no more: README, Benchmarks); only "
                                          "where the whole encoder trains (LORA_ENCODER=1, all layers)",
                                          parse=_speed_share, group="training")
+    train_timestamped_share: float = setting(0.5, "TRAIN_TIMESTAMPED_SHARE", "share of the corrections trained "
+                                             "with a timestamp pair (the mode the engine decodes in), the rest without "
+                                             "timestamps, so that neither mode is forgotten", parse=_share,
+                                             group="training")
     train_learning_rate: float = setting(1e-3, "TRAIN_LEARNING_RATE", "AdamW learning rate (recipe: 1e-3), linear "
                                          "decay after warm-up", group="training")
     train_batch_size: int = setting(8, "TRAIN_BATCH_SIZE", "utterances per optimizer step", group="training")

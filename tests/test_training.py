@@ -49,8 +49,15 @@ def test_target_sequence_has_language_task_and_timestamps(whisper_tokens):
 
 
 def test_timestamped_share_picks_that_share_of_consecutive_tasks():
+    from ml_backend.errors import ConfigurationError
+    from ml_backend.settings import Settings
+
     assert [t for t in range(1, 9) if timestamped(t, LoraArguments().timestamped_share)] == [2, 4, 6, 8]
     assert all(timestamped(t, 1.0) for t in range(50)) and not any(timestamped(t, 0.0) for t in range(50))
+    assert LoraArguments.from_settings(Settings.from_env({"TRAIN_TIMESTAMPED_SHARE": "1"})).timestamped_share == 1.0
+    for wrong in ("-0.1", "1.5", "half"):
+        with pytest.raises(ConfigurationError, match="TRAIN_TIMESTAMPED_SHARE"):
+            Settings.from_env({"TRAIN_TIMESTAMPED_SHARE": wrong})
     for share in (0.1, 0.25, 0.7):
         picked = sum(timestamped(t, share) for t in range(1, 1001))
         assert abs(picked - 1000 * share) <= 1

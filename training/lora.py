@@ -78,7 +78,7 @@ class LoraArguments:
         args = cls(r=settings.lora_r, alpha=settings.lora_alpha, dropout=settings.lora_dropout,
                    target_modules=settings.lora_target_modules, encoder=settings.lora_encoder,
                    encoder_layers=settings.lora_encoder_layers, spec_augment=settings.train_spec_augment,
-                   speed_perturb=settings.train_speed_perturb,
+                   speed_perturb=settings.train_speed_perturb, timestamped_share=settings.train_timestamped_share,
                    epochs=settings.train_epochs, max_steps=settings.train_max_steps,
                    learning_rate=settings.train_learning_rate, batch_size=settings.train_batch_size,
                    device=settings.device, dtype=settings.dtype)
