@@ -41,11 +41,15 @@ def _fraction(value: str) -> float:
     return number
 
 
-def _share(value: str) -> float:
-    number = float(value)
+def unit_share(number: float) -> float:
+    """A share in [0, 1] (TRAIN_TIMESTAMPED_SHARE, LoraArguments.timestamped_share): ValueError outside it."""
     if not 0 <= number <= 1:
         raise ValueError("expected a share from 0 to 1")
     return number
+
+
+def _share(value: str) -> float:
+    return unit_share(float(value))
 
 
 def _count(value: str) -> int:

@@ -30,7 +30,7 @@ import torch
 
 from ml_backend.audio import SAMPLE_RATE
 from ml_backend.decoding import SpecialTokens
-from ml_backend.settings import Settings, speed_share
+from ml_backend.settings import Settings, speed_share, unit_share
 from ml_backend.whisper import (
     MAX_TIMESTAMP_INDEX,
     TIME_PRECISION,
@@ -275,8 +275,10 @@ def train_lora(
         speed_share(args.speed_perturb)
     except ValueError as exc:
         raise ValueError(f"speed_perturb {args.speed_perturb}: {exc}") from None
-    if not 0 <= args.timestamped_share <= 1:
-        raise ValueError(f"timestamped_share must be in [0, 1], not {args.timestamped_share}")
+    try:
+        unit_share(args.timestamped_share)
+    except ValueError as exc:
+        raise ValueError(f"timestamped_share {args.timestamped_share}: {exc}") from None
     started = time.perf_counter()
     random.seed(args.seed)
     torch.manual_seed(args.seed)
