@@ -42,7 +42,9 @@ def postgres_server() -> Iterator[str]:
     if os.geteuid() == 0:
         os.chmod(root, 0o755)
         shutil.chown(root, "postgres", "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
+        # runuser lives in /usr/sbin, which a minimal PATH (env -i, cron, CI runners) leaves out
+        runuser = shutil.which("runuser") or shutil.which("runuser", path="/usr/sbin:/sbin") or "runuser"
+        as_user = [runuser, "-u", "postgres", "--"]
     data, log = root / "data", root / "server.log"
 
     def run(*cmd: str) -> None:
