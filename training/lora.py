@@ -2,10 +2,10 @@
 
 Each utterance is trained as Whisper was: ``<|startoftranscript|><|lang|><|transcribe|>``
 then the text, by default with a ``<|0.00|> … <|end|>`` timestamp pair, the mode the serving
-engine decodes in (on real accented speech the loop learned more so than with half of them
-trained with ``<|notimestamps|>``). ``timestamped_share`` below 1 trains that share with
-timestamps and the rest without, for those who also decode without them. The annotated language token is part of the
-target, which also teaches the language head.
+engine decodes in (on real accented speech the loop learned more than with half of them trained
+with ``<|notimestamps|>``). ``timestamped_share`` below 1 trains that share with timestamps and
+the rest without, for those who also decode without them. The annotated language token is part
+of the target, which also teaches the language head.
 
 With ``encoder=False`` only the decoder gets adapters. The encoder is then frozen and
 deterministic, so its output is computed once per utterance and reused in every epoch: 5-10x
